@@ -1,0 +1,170 @@
+"""``edgeprune`` console script.
+
+Exit status: 0 success; 1 a domain error, printed as ``TypeName: message`` plus a hint; 2 a usage
+error (argparse); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from agent import __version__
+from agent.errors import EdgepruneError, UserError
+
+log = logging.getLogger("edgeprune")
+
+EPILOG = """\
+examples:
+  edgeprune demo                                 run the end-to-end demo on embedded defaults
+  edgeprune data info --split test               check the Fashion-MNIST files and show their classes
+  edgeprune contract schema manifest             print the bundle manifest's JSON Schema
+  edgeprune contract validate bundle/manifest.json
+  edgeprune compile --model reference --data fashion-mnist --out bundle/     (issue #3)
+  edgeprune agent run --bundle bundle/ --broker mqtt://127.0.0.1:1883 --device-id pi-01 --state-dir st/ (#5)
+
+docs: README.md, docs/architecture.md, docs/protocol.md
+"""
+
+
+class NotBuiltError(UserError):
+    """A subcommand whose part of the product is not built yet."""
+
+
+def _not_built(command: str, issue: int, what: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        raise NotBuiltError(
+            f"'edgeprune {command}' is not built yet: {what} is tracked in issue #{issue}",
+            hint="`edgeprune demo` runs what works today; see README.md for the status of each part",
+        )
+
+    return run
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from edgeprune.demo import run_demo
+
+    run_demo(data_root=args.data, devices=args.devices, fleet=args.fleet)
+    return 0
+
+
+def _cmd_data_info(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from agent.data import fashion_mnist_dir, load_fashion_mnist
+
+    data = load_fashion_mnist(args.split, root=args.root)
+    counts = np.bincount(data.labels, minlength=len(data.class_names))
+    print(f"Fashion-MNIST {args.split} split from {fashion_mnist_dir(args.root)}")
+    print(f"  {len(data)} images of {data.images.shape[1]}x{data.images.shape[2]}, "
+          f"pixel mean {data.images.mean():.1f}")
+    for name, count in zip(data.class_names, counts, strict=True):
+        print(f"  {name:<12} {count:>6}")
+    return 0
+
+
+def _cmd_contract_schema(args: argparse.Namespace) -> int:
+    from pydantic import TypeAdapter
+
+    from agent.contract import BundleManifest, Message
+
+    schema = (BundleManifest.model_json_schema() if args.what == "manifest"
+              else TypeAdapter(Message).json_schema())
+    print(json.dumps(schema, indent=2))
+    return 0
+
+
+def _cmd_contract_validate(args: argparse.Namespace) -> int:
+    from agent.contract import BundleManifest, parse_message
+
+    path: Path = args.file
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror}", hint="check the path") from exc
+    kind = args.kind or ("manifest" if path.name == "manifest.json" else "message")
+    if kind == "manifest":
+        manifest = BundleManifest.from_json(data)
+        print(f"ok: manifest of {manifest.model_id} {manifest.bundle_version}, "
+              f"{len(manifest.variants)} variant(s), {'signed' if manifest.signature else 'unsigned'}")
+    else:
+        message = parse_message(data)
+        print(f"ok: {message.kind} message from {message.device_id}, seq {message.seq}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgeprune",
+        description="Compile PyTorch models into adaptive, signed bundles; run them on edge devices; "
+        "manage the fleet.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"edgeprune {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="run the end-to-end demo on embedded defaults",
+                          description="Run the demo. Today it runs the foundation path (data, private "
+                          "broker, devices and a fleet collector speaking the contract); the full demo "
+                          "arrives with issue #8.")
+    demo.add_argument("--data", type=Path, default=None,
+                      help="Fashion-MNIST directory (default: $EDGEPRUNE_FASHION_MNIST_DIR or the Debian path)")
+    demo.add_argument("--devices", type=int, default=3, help="simulated devices (default 3)")
+    demo.add_argument("--fleet", default="demo", help="fleet id (default 'demo')")
+    demo.set_defaults(func=_cmd_demo)
+
+    data = sub.add_parser("data", help="inspect reference data")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    info = data_sub.add_parser("info", help="load a Fashion-MNIST split and show its classes")
+    info.add_argument("--split", choices=("train", "test"), default="test")
+    info.add_argument("--root", type=Path, default=None, help="directory of the IDX files")
+    info.set_defaults(func=_cmd_data_info)
+
+    contract = sub.add_parser("contract", help="the manifest and message schemas")
+    contract_sub = contract.add_subparsers(dest="contract_command", required=True, metavar="ACTION")
+    schema = contract_sub.add_parser("schema", help="print a JSON Schema")
+    schema.add_argument("what", choices=("manifest", "message"))
+    schema.set_defaults(func=_cmd_contract_schema)
+    validate = contract_sub.add_parser("validate", help="validate a manifest or message JSON file")
+    validate.add_argument("file", type=Path)
+    validate.add_argument("--kind", choices=("manifest", "message"), default=None,
+                          help="default: manifest for manifest.json, message otherwise")
+    validate.set_defaults(func=_cmd_contract_validate)
+
+    for name, issue, what, help_text in (
+        ("compile", 3, "the static pruning ladder and bundle writer", "compile a model into a bundle"),
+        ("agent", 5, "the on-device agent", "run the device agent"),
+        ("fleet", 7, "the fleet manager", "run the fleet manager"),
+        ("devices", 8, "device profiles and the fleet simulator", "device profiles and the simulator"),
+    ):
+        p = sub.add_parser(name, help=f"{help_text} (not built yet, issue #{issue})")
+        p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        p.set_defaults(func=_not_built(name, issue, what))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except EdgepruneError as exc:
+        print(f"{type(exc).__name__}: {exc.message}", file=sys.stderr)
+        if exc.hint:
+            print(f"hint: {exc.hint}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
