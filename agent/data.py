@@ -93,7 +93,9 @@ def read_idx(path: Path) -> np.ndarray:
     dtype = np.dtype(_IDX_DTYPES[raw[2]])
     expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if len(raw) - header != expected:
-        raise DataError(f"{path} holds {len(raw) - header} data bytes, its header {shape} promises {expected}")
+        raise DataError(
+            f"{path} holds {len(raw) - header} data bytes, its header {shape} promises {expected}"
+        )
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
 
 
@@ -164,13 +166,16 @@ def make_fixture(*, n: int = 200, size: int = 28, classes: int = 10, seed: int =
     templates = rng.random((classes, size, size))
     for _ in range(2):  # cheap blur, so templates have shapes, not just pixel noise
         templates = (templates + np.roll(templates, 1, 1) + np.roll(templates, 1, 2)) / 3
-    templates = (templates - templates.min(axis=(1, 2), keepdims=True)) / np.ptp(templates, axis=(1, 2),
-                                                                                   keepdims=True)
+    templates = (templates - templates.min(axis=(1, 2), keepdims=True)) / np.ptp(
+        templates, axis=(1, 2), keepdims=True
+    )
     labels = np.arange(n, dtype=np.int64) % classes
     rng.shuffle(labels)
     shifts = rng.integers(-2, 3, size=(n, 2))
     contrast = rng.uniform(0.7, 1.0, size=(n, 1, 1))
-    images = np.stack([np.roll(templates[y], tuple(s), axis=(0, 1)) for y, s in zip(labels, shifts, strict=True)])
+    images = np.stack(
+        [np.roll(templates[y], tuple(s), axis=(0, 1)) for y, s in zip(labels, shifts, strict=True)]
+    )
     images = images * contrast + rng.normal(0, 0.08, size=images.shape)
     pixels = np.clip(images * 255, 0, 255).astype(np.uint8)
     names = tuple(f"class-{i}" for i in range(classes))

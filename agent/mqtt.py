@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.errors import UserError
 
@@ -39,7 +40,7 @@ def parse_broker_url(url: str) -> BrokerAddress:
 def make_client(client_id: str) -> mqtt.Client:
     """A paho client with the v2 callback API and MQTT v5, not yet connected."""
     return mqtt.Client(
-        callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+        callback_api_version=CallbackAPIVersion.VERSION2,
         client_id=client_id,
         protocol=mqtt.MQTTv5,
     )

@@ -60,8 +60,10 @@ def _cmd_data_info(args: argparse.Namespace) -> int:
     data = load_fashion_mnist(args.split, root=args.root)
     counts = np.bincount(data.labels, minlength=len(data.class_names))
     print(f"Fashion-MNIST {args.split} split from {fashion_mnist_dir(args.root)}")
-    print(f"  {len(data)} images of {data.images.shape[1]}x{data.images.shape[2]}, "
-          f"pixel mean {data.images.mean():.1f}")
+    print(
+        f"  {len(data)} images of {data.images.shape[1]}x{data.images.shape[2]}, "
+        f"pixel mean {data.images.mean():.1f}"
+    )
     for name, count in zip(data.class_names, counts, strict=True):
         print(f"  {name:<12} {count:>6}")
     return 0
@@ -72,8 +74,9 @@ def _cmd_contract_schema(args: argparse.Namespace) -> int:
 
     from agent.contract import BundleManifest, Message
 
-    schema = (BundleManifest.model_json_schema() if args.what == "manifest"
-              else TypeAdapter(Message).json_schema())
+    schema = (
+        BundleManifest.model_json_schema() if args.what == "manifest" else TypeAdapter(Message).json_schema()
+    )
     print(json.dumps(schema, indent=2))
     return 0
 
@@ -89,8 +92,10 @@ def _cmd_contract_validate(args: argparse.Namespace) -> int:
     kind = args.kind or ("manifest" if path.name == "manifest.json" else "message")
     if kind == "manifest":
         manifest = BundleManifest.from_json(data)
-        print(f"ok: manifest of {manifest.model_id} {manifest.bundle_version}, "
-              f"{len(manifest.variants)} variant(s), {'signed' if manifest.signature else 'unsigned'}")
+        print(
+            f"ok: manifest of {manifest.model_id} {manifest.bundle_version}, "
+            f"{len(manifest.variants)} variant(s), {'signed' if manifest.signature else 'unsigned'}"
+        )
     else:
         message = parse_message(data)
         print(f"ok: {message.kind} message from {message.device_id}, seq {message.seq}")
@@ -109,12 +114,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = sub.add_parser("demo", help="run the end-to-end demo on embedded defaults",
-                          description="Run the demo. Today it runs the foundation path (data, private "
-                          "broker, devices and a fleet collector speaking the contract); the full demo "
-                          "arrives with issue #8.")
-    demo.add_argument("--data", type=Path, default=None,
-                      help="Fashion-MNIST directory (default: $EDGEPRUNE_FASHION_MNIST_DIR or the Debian path)")
+    demo = sub.add_parser(
+        "demo",
+        help="run the end-to-end demo on embedded defaults",
+        description="Run the demo. Today it runs the foundation path (data, private "
+        "broker, devices and a fleet collector speaking the contract); the full demo "
+        "arrives with issue #8.",
+    )
+    demo.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="Fashion-MNIST directory (default: $EDGEPRUNE_FASHION_MNIST_DIR or the Debian path)",
+    )
     demo.add_argument("--devices", type=int, default=3, help="simulated devices (default 3)")
     demo.add_argument("--fleet", default="demo", help="fleet id (default 'demo')")
     demo.set_defaults(func=_cmd_demo)
@@ -133,8 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     schema.set_defaults(func=_cmd_contract_schema)
     validate = contract_sub.add_parser("validate", help="validate a manifest or message JSON file")
     validate.add_argument("file", type=Path)
-    validate.add_argument("--kind", choices=("manifest", "message"), default=None,
-                          help="default: manifest for manifest.json, message otherwise")
+    validate.add_argument(
+        "--kind",
+        choices=("manifest", "message"),
+        default=None,
+        help="default: manifest for manifest.json, message otherwise",
+    )
     validate.set_defaults(func=_cmd_contract_validate)
 
     for name, issue, what, help_text in (

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from agent import __version__
 from agent.contract import (
     CHANNELS,
     Birth,
+    Channel,
     ContractError,
     Message,
     Metrics,
@@ -38,7 +39,7 @@ from agent.contract import (
     subscription,
 )
 from agent.data import fashion_mnist_dir, load_fashion_mnist
-from agent.errors import InternalError
+from agent.errors import InternalError, UserError
 from agent.mqtt import make_client
 from fleet.broker import MosquittoBroker
 
@@ -62,8 +63,9 @@ class Collector:
     def on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         try:
             parts = parse_topic(msg.topic)
-            message = parse_message(msg.payload, expect_kind=CHANNELS[parts.channel].kind,
-                                    expect_device=parts.device)
+            message = parse_message(
+                msg.payload, expect_kind=CHANNELS[parts.channel].kind, expect_device=parts.device
+            )
         except ContractError as exc:
             with self.changed:
                 self.rejected.append(f"{msg.topic}: {exc.message}")
@@ -95,88 +97,121 @@ def _step(text: str) -> None:
     print(f"==> {text}", flush=True)
 
 
+def _start_collector(broker: MosquittoBroker, fleet: str, timeout_s: float) -> tuple[Collector, mqtt.Client]:
+    collector = Collector()
+    client = make_client(f"{fleet}-collector")
+    client.on_message = collector.on_message
+    subscribed = threading.Event()
+    client.on_subscribe = lambda *args: subscribed.set()
+    client.connect(broker.host, broker.port)
+    client.subscribe(subscription(fleet=fleet), qos=1)
+    client.loop_start()
+    if not subscribed.wait(timeout_s):
+        raise InternalError("the collector's subscription was not acknowledged")
+    return collector, client
+
+
+def _connect_device(broker: MosquittoBroker, fleet: str, device: str, timeout_s: float) -> mqtt.Client:
+    """A device client: last will first, then a retained birth, an online status and one metrics window."""
+    client = make_client(device)
+    will = Status(**envelope(device_id=device, seq=0), state="offline", uptime_s=0)
+    client.will_set(device_topic(fleet, device, "status"), will.to_json(), qos=1, retain=True)
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    messages: list[tuple[Channel, Message]] = [
+        (
+            "birth",
+            Birth(
+                **envelope(device_id=device, seq=1), profile="host", agent_version=__version__, backend="onnx"
+            ),
+        ),
+        ("status", Status(**envelope(device_id=device, seq=2), state="online", uptime_s=0.1)),
+        (
+            "metrics",
+            Metrics(**envelope(device_id=device, seq=3), window_s=1.0, inferences=0, readings=_readings()),
+        ),
+    ]
+    for channel, message in messages:
+        spec = CHANNELS[channel]
+        client.publish(
+            device_topic(fleet, device, channel), message.to_json(), qos=spec.qos, retain=spec.retained
+        ).wait_for_publish(timeout_s)
+    return client
+
+
+def _print_summary(collector: Collector) -> None:
+    states = {device: m.state for (device, _), m in collector.latest.items() if isinstance(m, Status)}
+    print(f"    {'device':<10} {'last status':<12}")
+    for device, state in sorted(states.items()):
+        print(f"    {device:<10} {state:<12}")
+    print(f"    accepted: {dict(sorted(collector.accepted.items()))}")
+    print(f"    rejected: {len(collector.rejected)} -> {collector.rejected[0]}")
+
+
 def run_demo(*, data_root: Path | None, devices: int, fleet: str, timeout_s: float = 20.0) -> None:
+    """Run the foundation demo; raises a :class:`~agent.errors.UserError` subclass on a missing part."""
     if devices < 1:
-        raise InternalError("need at least one device")  # argparse keeps this from users
+        raise UserError(f"--devices must be at least 1, got {devices}")
     started = time.monotonic()
-    print("edgeprune demo -- foundation path. Compiling, serving bundles, adaptive policy and rollouts are\n"
-          "not built yet (issues #3-#8); this runs every part that exists, on real components.\n")
+    print(
+        "edgeprune demo -- foundation path. Compiling, serving bundles, adaptive policy and rollouts are\n"
+        "not built yet (issues #3-#8); this runs every part that exists, on real components.\n"
+    )
 
     _step(f"loading Fashion-MNIST from {fashion_mnist_dir(data_root)}")
     test = load_fashion_mnist("test", root=data_root)
     counts = np.bincount(test.labels, minlength=len(test.class_names))
-    print(f"    {len(test)} test images of {test.images.shape[1]}x{test.images.shape[2]}, "
-          f"{len(test.class_names)} classes, {counts.min()}-{counts.max()} per class")
+    print(
+        f"    {len(test)} test images of {test.images.shape[1]}x{test.images.shape[2]}, "
+        f"{len(test.class_names)} classes, {counts.min()}-{counts.max()} per class"
+    )
 
     _step("starting a private Mosquitto broker")
+    clients: list[mqtt.Client] = []
     with MosquittoBroker() as broker:
         print(f"    {broker.url} (pid {broker.pid})")
-        collector = Collector()
-        fleet_client = make_client(f"{fleet}-collector")
-        fleet_client.on_message = collector.on_message
-        subscribed = threading.Event()
-        fleet_client.on_subscribe = lambda *a: subscribed.set()
-        fleet_client.connect(broker.host, broker.port)
-        fleet_client.subscribe(subscription(fleet=fleet), qos=1)
-        fleet_client.loop_start()
-        if not subscribed.wait(timeout_s):
-            raise InternalError("the collector's subscription was not acknowledged")
+        try:
+            collector, fleet_client = _start_collector(broker, fleet, timeout_s)
+            clients.append(fleet_client)
+            _step(f"connecting {devices} simulated device(s) with MQTT v5, a retained birth and a last will")
+            psutil.cpu_percent(interval=None)  # prime the CPU counter so the first reading means something
+            names = [f"dev-{i:03d}" for i in range(devices)]
+            for name in names:
+                clients.append(_connect_device(broker, fleet, name, timeout_s))
 
-        _step(f"connecting {devices} simulated device(s) with MQTT v5, a retained birth and a last will")
-        clients = []
-        psutil.cpu_percent(interval=None)  # prime the CPU counter
-        for i in range(devices):
-            device = f"dev-{i:03d}"
-            client = make_client(device)
-            will = Status(**envelope(device_id=device, seq=0), state="offline", uptime_s=0)
-            client.will_set(device_topic(fleet, device, "status"), will.to_json(), qos=1, retain=True)
-            client.connect(broker.host, broker.port)
-            client.loop_start()
-            seq = 1
-            for channel, message in (
-                ("birth", Birth(**envelope(device_id=device, seq=seq), profile="host", agent_version=__version__,
-                                backend="onnx")),
-                ("status", Status(**envelope(device_id=device, seq=seq + 1), state="online", uptime_s=0.1)),
-                ("metrics", Metrics(**envelope(device_id=device, seq=seq + 2), window_s=1.0, inferences=0,
-                                    readings=_readings())),
-            ):
-                spec = CHANNELS[channel]  # type: ignore[index]
-                client.publish(device_topic(fleet, device, channel), message.to_json(), qos=spec.qos,
-                               retain=spec.retained).wait_for_publish(timeout_s)
-            clients.append((device, client))
+            _step("sending one malformed payload; the collector must reject it, not crash")
+            clients[1].publish(
+                device_topic(fleet, names[0], "metrics"), b'{"kind": "metrics", "inferences": -1}', qos=1
+            ).wait_for_publish(timeout_s)
 
-        _step("sending one malformed payload; the collector must reject it, not crash")
-        bad_device, bad_client = clients[0]
-        bad_client.publish(device_topic(fleet, bad_device, "metrics"), b'{"kind": "metrics", "inferences": -1}',
-                           qos=1).wait_for_publish(timeout_s)
+            _step(f"dropping {names[-1]} without a clean goodbye; the broker must publish its last will")
+            # MQTT v5 reason 0x04: disconnect, but have the broker send the will, as on a lost link.
+            clients[-1].disconnect(
+                reasoncode=ReasonCode(PacketTypes.DISCONNECT, "Disconnect with will message")
+            )
 
-        _step(f"dropping {clients[-1][0]} without a clean goodbye; the broker must publish its last will")
-        clients[-1][1].disconnect(reasoncode=ReasonCode(PacketTypes.DISCONNECT, "Disconnect with will message"))
+            def done() -> bool:
+                last = collector.latest.get((names[-1], "status"))
+                return (
+                    collector.accepted["metrics"] >= devices
+                    and len(collector.rejected) >= 1
+                    and isinstance(last, Status)
+                    and last.state == "offline"
+                )
 
-        def done() -> bool:
-            last = collector.latest.get((clients[-1][0], "status"))
-            return (collector.accepted["metrics"] >= devices and len(collector.rejected) >= 1
-                    and isinstance(last, Status) and last.state == "offline")
-
-        if not collector.wait_for(done, timeout_s):
-            raise InternalError(f"the collector did not see every message within {timeout_s}s: "
-                                f"{dict(collector.accepted)}, {len(collector.rejected)} rejected")
-        for _, client in clients[:-1]:
-            client.disconnect()
-            client.loop_stop()
-        clients[-1][1].loop_stop()
-        fleet_client.disconnect()
-        fleet_client.loop_stop()
+            if not collector.wait_for(done, timeout_s):
+                raise InternalError(
+                    f"the collector did not see every message within {timeout_s}s: "
+                    f"{dict(collector.accepted)}, {len(collector.rejected)} rejected"
+                )
+        finally:
+            for client in clients:
+                client.disconnect()
+                client.loop_stop()
 
     _step("summary")
-    per_device: dict[str, str] = defaultdict(str)
-    for (device, kind), message in sorted(collector.latest.items()):
-        if isinstance(message, Status):
-            per_device[device] = message.state
-    print(f"    {'device':<10} {'last status':<12}")
-    for device, state in sorted(per_device.items()):
-        print(f"    {device:<10} {state:<12}")
-    print(f"    accepted: {dict(sorted(collector.accepted.items()))}")
-    print(f"    rejected: {len(collector.rejected)} -> {collector.rejected[0]}")
-    print(f"\ndone in {time.monotonic() - started:.1f}s. Next: docs/architecture.md, docs/protocol.md; "
-          "the compiler (issue #3) is the next part to land.")
+    _print_summary(collector)
+    print(
+        f"\ndone in {time.monotonic() - started:.1f}s. Next: docs/architecture.md, docs/protocol.md; "
+        "the compiler (issue #3) is the next part to land."
+    )

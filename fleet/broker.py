@@ -22,7 +22,7 @@ from types import TracebackType
 
 from agent.errors import UserError
 
-__all__ = ["BrokerError", "MosquittoBroker", "find_mosquitto", "free_port"]
+__all__ = ["BrokerError", "MosquittoBroker", "find_mosquitto", "free_port", "port_is_free"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,16 @@ def find_mosquitto() -> Path | None:
     return next((Path(p) for p in _SEARCH if os.access(p, os.X_OK)), None)
 
 
+def port_is_free(host: str, port: int) -> bool:
+    """Whether ``port`` on ``host`` can be bound right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that is free right now on ``host`` (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -55,8 +65,14 @@ class MosquittoBroker:
     keeps nothing on disk and logs to stdout, which goes to ``<workdir>/mosquitto.log``.
     """
 
-    def __init__(self, *, host: str = "127.0.0.1", port: int | None = None, start_timeout_s: float = 10.0,
-                 extra_config: str = "") -> None:
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        start_timeout_s: float = 10.0,
+        extra_config: str = "",
+    ) -> None:
         self.host = host
         self._fixed_port = port is not None
         self.port = port if port is not None else free_port(host)
@@ -98,6 +114,12 @@ class MosquittoBroker:
         raise AssertionError("unreachable")
 
     def _start_once(self, binary: Path) -> MosquittoBroker:
+        # A busy port would let the readiness probe below connect to somebody else's server.
+        if not port_is_free(self.host, self.port):
+            raise BrokerError(
+                f"port {self.port} on {self.host} is already in use",
+                hint="pick another port, or leave it out to get a free one",
+            )
         self._dir = tempfile.TemporaryDirectory(prefix="edgeprune-mosquitto-")
         conf = Path(self._dir.name) / "mosquitto.conf"
         conf.write_text(
@@ -109,8 +131,9 @@ class MosquittoBroker:
             f"{self.extra_config}\n"
         )
         with open(self.log_path, "wb") as out:
-            self._proc = subprocess.Popen([str(binary), "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT,
-                                          stdin=subprocess.DEVNULL)
+            self._proc = subprocess.Popen(
+                [str(binary), "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
@@ -119,12 +142,16 @@ class MosquittoBroker:
                 raise BrokerError(f"mosquitto exited with {self._proc.returncode} on start: {tail.strip()}")
             try:
                 with socket.create_connection((self.host, self.port), timeout=0.2):
+                    pass
+                if self._proc.poll() is None:
                     log.info("mosquitto pid %d listening on %s", self._proc.pid, self.url)
                     return self
             except OSError:
                 time.sleep(0.05)
         self.stop()
-        raise BrokerError(f"mosquitto did not accept connections on {self.url} within {self.start_timeout_s}s")
+        raise BrokerError(
+            f"mosquitto did not accept connections on {self.url} within {self.start_timeout_s}s"
+        )
 
     def stop(self) -> None:
         """Terminate the broker by pid (kill after 5 s) and remove its temp dir. Safe to call twice."""
@@ -145,6 +172,7 @@ class MosquittoBroker:
     def __enter__(self) -> MosquittoBroker:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()

@@ -87,7 +87,9 @@ def test_duplicate_variant_names(manifest: BundleManifest) -> None:
         BundleManifest.from_json(_mutated(manifest, dup))
 
 
-@pytest.mark.parametrize("path", ["../escape.onnx", "/etc/passwd", "a/../../b.onnx", "a\\b.onnx", "./a.onnx", ""])
+@pytest.mark.parametrize(
+    "path", ["../escape.onnx", "/etc/passwd", "a/../../b.onnx", "a\\b.onnx", "./a.onnx", ""]
+)
 def test_file_paths_stay_inside_the_bundle(manifest: BundleManifest, path: str) -> None:
     def bad(d: dict) -> None:  # type: ignore[type-arg]
         d["variants"][0]["files"][0]["path"] = path

@@ -72,8 +72,17 @@ def _status_dict() -> dict:  # type: ignore[type-arg]
         (lambda d: d.update(schema_version=99), "schema_version"),
         (lambda d: d.pop("message_id"), "message_id"),
     ],
-    ids=["extra", "negative-seq", "bad-id", "slash-device", "wildcard-device", "naive-time", "bad-enum",
-         "future-schema", "missing-id"],
+    ids=[
+        "extra",
+        "negative-seq",
+        "bad-id",
+        "slash-device",
+        "wildcard-device",
+        "naive-time",
+        "bad-enum",
+        "future-schema",
+        "missing-id",
+    ],
 )
 def test_field_rules(edit, fragment: str) -> None:  # type: ignore[no-untyped-def]
     data = _status_dict()

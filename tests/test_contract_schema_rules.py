@@ -7,12 +7,15 @@ import inspect
 import pytest
 from pydantic import BaseModel
 
-import agent.contract as contract
+from agent import contract
 from agent.contract import ContractModel
 
 MODELS = sorted(
-    (obj for obj in vars(contract).values() if inspect.isclass(obj) and issubclass(obj, BaseModel)
-     and obj is not ContractModel),
+    (
+        obj
+        for obj in vars(contract).values()
+        if inspect.isclass(obj) and issubclass(obj, BaseModel) and obj is not ContractModel
+    ),
     key=lambda cls: cls.__name__,
 )
 
@@ -35,14 +38,52 @@ def test_every_field_is_described(model: type[BaseModel]) -> None:
 
 def test_public_api_is_pinned() -> None:
     # Adding to the contract is a deliberate act: update this list and docs/protocol.md together.
-    assert sorted(contract.__all__) == sorted([
-        "CHANNELS", "MANIFEST_FILENAME", "SCHEMA_VERSION", "TOPIC_PREFIX", "ArtifactFile", "Birth",
-        "BudgetInput", "BudgetPoint", "BundleManifest", "BundleRef", "Channel", "ChannelSpec", "ContractError",
-        "ContractModel", "CreationInfo", "DesiredState", "Event", "EventName", "InputSpec", "Latency", "Message",
-        "Metrics", "Normalization", "Percentiles", "Readings", "Runtime", "Scalar", "Signature", "Status",
-        "TopicParts", "UpdateInstruction", "UpdateState", "UpdateStatus", "Variant", "VariantKind",
-        "canonical_json", "channel_for_kind", "device_topic", "envelope", "new_message_id", "parse_message",
-        "parse_topic", "subscription",
-    ])
+    assert sorted(contract.__all__) == sorted(
+        [
+            "CHANNELS",
+            "MANIFEST_FILENAME",
+            "SCHEMA_VERSION",
+            "TOPIC_PREFIX",
+            "ArtifactFile",
+            "Birth",
+            "BudgetInput",
+            "BudgetPoint",
+            "BundleManifest",
+            "BundleRef",
+            "Channel",
+            "ChannelSpec",
+            "ContractError",
+            "ContractModel",
+            "CreationInfo",
+            "DesiredState",
+            "Event",
+            "EventName",
+            "InputSpec",
+            "Latency",
+            "Message",
+            "Metrics",
+            "Normalization",
+            "Percentiles",
+            "Readings",
+            "Runtime",
+            "Scalar",
+            "Signature",
+            "Status",
+            "TopicParts",
+            "UpdateInstruction",
+            "UpdateState",
+            "UpdateStatus",
+            "Variant",
+            "VariantKind",
+            "canonical_json",
+            "channel_for_kind",
+            "device_topic",
+            "envelope",
+            "new_message_id",
+            "parse_message",
+            "parse_topic",
+            "subscription",
+        ]
+    )
     for name in contract.__all__:
         assert hasattr(contract, name), name

@@ -17,8 +17,15 @@ def test_build_and_parse(channel: str) -> None:
 
 @pytest.mark.parametrize(
     "topic",
-    ["other/v1/a/b/status", "edgeprune/v2/a/b/status", "edgeprune/v1/a/b", "edgeprune/v1/a/b/c/status",
-     "edgeprune/v1/a/b/nope", "edgeprune/v1/a/+/status", "edgeprune/v1//b/status"],
+    [
+        "other/v1/a/b/status",
+        "edgeprune/v2/a/b/status",
+        "edgeprune/v1/a/b",
+        "edgeprune/v1/a/b/c/status",
+        "edgeprune/v1/a/b/nope",
+        "edgeprune/v1/a/+/status",
+        "edgeprune/v1//b/status",
+    ],
 )
 def test_foreign_topics_are_rejected(topic: str) -> None:
     with pytest.raises(ContractError):

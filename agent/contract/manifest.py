@@ -154,8 +154,9 @@ class BudgetInput(ContractModel):
     @model_validator(mode="after")
     def _ordered(self) -> BudgetInput:
         if not self.minimum <= self.default <= self.maximum:
-            raise ValueError(f"need minimum <= default <= maximum, got {self.minimum}, {self.default}, "
-                             f"{self.maximum}")
+            raise ValueError(
+                f"need minimum <= default <= maximum, got {self.minimum}, {self.default}, {self.maximum}"
+            )
         return self
 
 
@@ -186,7 +187,9 @@ class Variant(ContractModel):
     latency: dict[Runtime, Latency] = described(
         "Measured batch-1 latency per runtime (for gated: at the default budget).", default={}
     )
-    budget: BudgetInput | None = described("The budget input; required for gated, absent otherwise.", default=None)
+    budget: BudgetInput | None = described(
+        "The budget input; required for gated, absent otherwise.", default=None
+    )
     budget_curve: tuple[BudgetPoint, ...] = described(
         "Accuracy/MACs/latency at several budgets; gated variants only.", default=()
     )
@@ -237,7 +240,9 @@ class Signature(ContractModel):
     key_id: KeyId = described(
         "First 16 hex digits of the SHA-256 of the raw public key, to pick the verifying key."
     )
-    value: str = described("Base64 (standard alphabet) of the 64-byte signature.", min_length=86, max_length=88)
+    value: str = described(
+        "Base64 (standard alphabet) of the 64-byte signature.", min_length=86, max_length=88
+    )
 
 
 class BundleManifest(ContractModel):
@@ -254,7 +259,9 @@ class BundleManifest(ContractModel):
     input: InputSpec = described("The model input, shared by every variant.")
     variants: tuple[Variant, ...] = described("The variants, dense first by convention.", min_length=1)
     created: CreationInfo = described("Creation information.")
-    signature: Signature | None = described("Signature over everything else; null until signed.", default=None)
+    signature: Signature | None = described(
+        "Signature over everything else; null until signed.", default=None
+    )
 
     @model_validator(mode="after")
     def _unique(self) -> BundleManifest:

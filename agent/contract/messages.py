@@ -121,7 +121,9 @@ class Readings(ContractModel):
 
     battery_pct: Finite | None = described("Battery charge, 0..100.", default=None, ge=0, le=100)
     charging: bool | None = described("Whether external power is connected.", default=None)
-    cpu_load_pct: Finite | None = described("CPU load of the whole device, 0..100.", default=None, ge=0, le=100)
+    cpu_load_pct: Finite | None = described(
+        "CPU load of the whole device, 0..100.", default=None, ge=0, le=100
+    )
     temperature_c: Finite | None = described("Hottest thermal zone, degrees Celsius.", default=None)
     free_memory_mb: Finite | None = described("Available memory, MiB.", default=None, ge=0)
 
@@ -133,8 +135,12 @@ class Metrics(_Envelope):
     window_s: Finite = described("Length of the window the numbers cover, seconds.", gt=0)
     inferences: int = described("Inferences completed in the window.", ge=0)
     errors: int = described("Inferences that failed in the window.", default=0, ge=0)
-    latency: Percentiles | None = described("Latency percentiles; null when there was no inference.", default=None)
-    mean_macs: Finite | None = described("Mean realised MACs per inference; null when none.", default=None, ge=0)
+    latency: Percentiles | None = described(
+        "Latency percentiles; null when there was no inference.", default=None
+    )
+    mean_macs: Finite | None = described(
+        "Mean realised MACs per inference; null when none.", default=None, ge=0
+    )
     mean_density: Finite | None = described(
         "Mean fraction of gated channels computed (1 for non-gated variants).", default=None, ge=0, le=1
     )
@@ -179,11 +185,14 @@ class UpdateInstruction(ContractModel):
 
     update_id: Identifier = described("Id of this update (one rollout to one device).")
     target: BundleRef = described("The bundle to end up on.")
-    base_url: str = described("HTTP(S) URL of the fleet manager's artifact endpoint for this update.",
-                              pattern=r"^https?://")
+    base_url: str = described(
+        "HTTP(S) URL of the fleet manager's artifact endpoint for this update.", pattern=r"^https?://"
+    )
     manifest_sha256: Sha256Hex = described("SHA-256 of the target bundle's manifest.json.")
     max_bytes_per_s: int | None = described("Download bandwidth cap; null for none.", default=None, gt=0)
-    health_window_s: Finite = described("Seconds the new bundle must stay healthy before commit.", default=60, gt=0)
+    health_window_s: Finite = described(
+        "Seconds the new bundle must stay healthy before commit.", default=60, gt=0
+    )
 
 
 class DesiredState(_Envelope):
@@ -191,14 +200,18 @@ class DesiredState(_Envelope):
 
     kind: Literal["desired"] = described("Message kind.", default="desired")
     revision: int = described("Increases with every change; the agent ignores older revisions.", ge=0)
-    pinned_variant: Identifier | None = described("Serve only this variant; null lets the policy choose.",
-                                                  default=None)
-    policy_overrides: dict[str, Scalar] = described("Policy settings overriding the device's defaults.",
-                                                    default={})
-    metrics_period_s: Finite | None = described("Seconds between metrics; null keeps the default.",
-                                                default=None, gt=0)
-    heartbeat_period_s: Finite | None = described("Seconds between heartbeats; null keeps the default.",
-                                                  default=None, gt=0)
+    pinned_variant: Identifier | None = described(
+        "Serve only this variant; null lets the policy choose.", default=None
+    )
+    policy_overrides: dict[str, Scalar] = described(
+        "Policy settings overriding the device's defaults.", default={}
+    )
+    metrics_period_s: Finite | None = described(
+        "Seconds between metrics; null keeps the default.", default=None, gt=0
+    )
+    heartbeat_period_s: Finite | None = described(
+        "Seconds between heartbeats; null keeps the default.", default=None, gt=0
+    )
     update: UpdateInstruction | None = described("Bundle to move to; null for no update.", default=None)
 
 
@@ -224,7 +237,9 @@ class UpdateStatus(_Envelope):
     target: BundleRef = described("The bundle being installed.")
     state: UpdateState = described("State the updater just entered.")
     bytes_done: int = described("Bytes downloaded so far.", default=0, ge=0)
-    bytes_total: int | None = described("Bytes to download in all; null if not known yet.", default=None, ge=0)
+    bytes_total: int | None = described(
+        "Bytes to download in all; null if not known yet.", default=None, ge=0
+    )
     error: str | None = described("Why the update failed or rolled back; null otherwise.", default=None)
 
 
@@ -254,8 +269,10 @@ def parse_message(
     except ValidationError as exc:
         raise contract_error("message", exc) from exc
     if expect_kind is not None and message.kind != expect_kind:
-        raise ContractError(f"a {message.kind!r} message arrived where {expect_kind!r} was expected",
-                            hint="publish each kind on its own channel (docs/protocol.md)")
+        raise ContractError(
+            f"a {message.kind!r} message arrived where {expect_kind!r} was expected",
+            hint="publish each kind on its own channel (docs/protocol.md)",
+        )
     if expect_device is not None and message.device_id != expect_device:
         raise ContractError(
             f"message names device {message.device_id!r} but arrived on the topic of {expect_device!r}",

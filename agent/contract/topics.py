@@ -85,7 +85,9 @@ def device_topic(fleet: str, device: str, channel: Channel) -> str:
     return f"{TOPIC_PREFIX}/{_check_id('fleet id', fleet)}/{_check_id('device id', device)}/{channel}"
 
 
-def subscription(*, fleet: str | None = None, device: str | None = None, channel: Channel | None = None) -> str:
+def subscription(
+    *, fleet: str | None = None, device: str | None = None, channel: Channel | None = None
+) -> str:
     """A subscription filter; ``None`` parts become the ``+`` wildcard.
 
     >>> subscription(fleet="lab")
@@ -115,8 +117,14 @@ def parse_topic(topic: str) -> TopicParts:
         raise ContractError(f"topic {topic!r} is not {TOPIC_PREFIX}/<fleet>/<device>/<channel>")
     fleet, device, channel = rest
     if channel not in CHANNELS:
-        raise ContractError(f"topic {topic!r} has unknown channel {channel!r}", hint=f"one of {sorted(CHANNELS)}")
-    return TopicParts(fleet=_check_id("fleet id", fleet), device=_check_id("device id", device), channel=channel)  # type: ignore[arg-type]
+        raise ContractError(
+            f"topic {topic!r} has unknown channel {channel!r}", hint=f"one of {sorted(CHANNELS)}"
+        )
+    return TopicParts(
+        fleet=_check_id("fleet id", fleet),
+        device=_check_id("device id", device),
+        channel=channel,
+    )
 
 
 def channel_for_kind(kind: str) -> Channel:

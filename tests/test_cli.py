@@ -1,0 +1,119 @@
+"""The console script: help with examples, exit codes 0 / 1 (domain error) / 2 (usage)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.samples import sample_manifest, sample_messages
+
+EXE = shutil.which("edgeprune", path=str(Path(sys.executable).parent)) or "edgeprune"
+
+
+def run(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [EXE, *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def test_console_script_is_installed() -> None:
+    assert Path(EXE).is_file(), "pip install -e . must create the edgeprune script next to python"
+
+
+def test_help_lists_subcommands_and_examples() -> None:
+    out = run("--help")
+    assert out.returncode == 0
+    for word in ("compile", "agent", "fleet", "devices", "demo", "examples:"):
+        assert word in out.stdout
+
+
+def test_version() -> None:
+    out = run("--version")
+    assert out.returncode == 0 and out.stdout.startswith("edgeprune ")
+
+
+@pytest.mark.parametrize("args", [[], ["frobnicate"], ["data", "info", "--split", "validation"]])
+def test_usage_errors_exit_2(args: list[str]) -> None:
+    out = run(*args)
+    assert out.returncode == 2
+    assert "usage:" in out.stderr
+
+
+def test_missing_data_is_a_domain_error(tmp_path: Path) -> None:
+    out = run("data", "info", "--root", str(tmp_path / "none"))
+    assert out.returncode == 1
+    assert out.stderr.startswith("DataError: Fashion-MNIST test split not found")
+    assert "hint: install the Debian package" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_data_info_on_fixture(fixture_data_dir: Path) -> None:
+    out = run("data", "info", "--root", str(fixture_data_dir))
+    assert out.returncode == 0, out.stderr
+    assert "100 images of 28x28" in out.stdout
+
+
+def test_validate_manifest_ok_and_bad(tmp_path: Path) -> None:
+    good = tmp_path / "manifest.json"
+    good.write_text(sample_manifest().to_json())
+    out = run("contract", "validate", str(good))
+    assert out.returncode == 0 and "3 variant(s)" in out.stdout
+
+    bad = tmp_path / "bad" / "manifest.json"
+    bad.parent.mkdir()
+    bad.write_text(sample_manifest().to_json().replace('"kind":"gated"', '"kind":"sparse"'))
+    out = run("contract", "validate", str(bad))
+    assert out.returncode == 1
+    assert out.stderr.startswith("ContractError: invalid BundleManifest: variants.1.kind")
+    assert "hint:" in out.stderr
+
+
+def test_validate_message(tmp_path: Path) -> None:
+    path = tmp_path / "m.json"
+    path.write_text(sample_messages()[2].to_json())
+    out = run("contract", "validate", str(path))
+    assert out.returncode == 0 and "metrics message from pi-01" in out.stdout
+
+
+def test_validate_missing_file(tmp_path: Path) -> None:
+    out = run("contract", "validate", str(tmp_path / "nope.json"))
+    assert out.returncode == 1 and out.stderr.startswith("UserError: cannot read")
+
+
+@pytest.mark.parametrize("what", ["manifest", "message"])
+def test_schema_is_json_schema(what: str) -> None:
+    out = run("contract", "schema", what)
+    assert out.returncode == 0
+    schema = json.loads(out.stdout)
+    assert "$defs" in schema
+
+
+@pytest.mark.parametrize("command", ["compile", "agent", "fleet", "devices"])
+def test_parts_not_built_say_so(command: str) -> None:
+    out = run(command)
+    assert out.returncode == 1
+    assert out.stderr.startswith("NotBuiltError:") and "issue #" in out.stderr
+
+
+@pytest.mark.broker
+def test_demo_runs_end_to_end_on_fixture_data(fixture_data_dir: Path) -> None:
+    out = run("demo", "--data", str(fixture_data_dir), "--devices", "2")
+    assert out.returncode == 0, out.stderr
+    assert "100 test images" in out.stdout
+    assert "dev-001    offline" in out.stdout  # the last will arrived
+    assert "accepted: {'birth': 2, 'metrics': 2, 'status': 3}" in out.stdout
+    assert "rejected: 1" in out.stdout
