@@ -18,6 +18,12 @@ BIN = Path(sys.executable).parent
     ids=["ruff-check", "ruff-format", "mypy"],
 )
 def test_clean(command: list[str]) -> None:
-    out = subprocess.run([str(BIN / command[0]), *command[1:]], cwd=ROOT, capture_output=True, text=True,
-                         check=False, timeout=300)
+    out = subprocess.run(
+        [str(BIN / command[0]), *command[1:]],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stdout + out.stderr

@@ -65,8 +65,11 @@ def _type_name(annotation: object) -> str:
     if origin in (typing.Union, types.UnionType):
         return " | ".join(_type_name(a) for a in args)
     if origin is tuple:
-        inner = f"{_type_name(args[0])}, ..." if len(args) == 2 and args[1] is Ellipsis else ", ".join(
-            _type_name(a) for a in args)
+        inner = (
+            f"{_type_name(args[0])}, ..."
+            if len(args) == 2 and args[1] is Ellipsis
+            else ", ".join(_type_name(a) for a in args)
+        )
         return f"tuple[{inner}]"
     if origin is dict:
         return f"dict[{_type_name(args[0])}, {_type_name(args[1])}]"
@@ -109,7 +112,8 @@ def render() -> str:
         "|---|---|---|---|---|",
     ]
     for name, spec in CHANNELS.items():
-        parts.append(f"| `{name}` | `{spec.kind}` | {spec.publisher} | {spec.qos} | {'yes' if spec.retained else 'no'} |")
+        retained = "yes" if spec.retained else "no"
+        parts.append(f"| `{name}` | `{spec.kind}` | {spec.publisher} | {spec.qos} | {retained} |")
     parts += ["", "## Wire messages", ""]
     parts += [_table(m) + "\n" for m in MESSAGE_MODELS]
     parts += ["## Bundle manifest (`manifest.json`)", ""]
