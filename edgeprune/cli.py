@@ -24,7 +24,8 @@ examples:
   edgeprune data info --split test               check the Fashion-MNIST files and show their classes
   edgeprune contract schema manifest             print the bundle manifest's JSON Schema
   edgeprune contract validate bundle/manifest.json
-  edgeprune compile --model reference --data fashion-mnist --out bundle/     (issue #3)
+  edgeprune keys new                             create the Ed25519 signing key pair
+  edgeprune compile --model reference --data fashion-mnist --out bundle/
   edgeprune agent run --bundle bundle/ --broker mqtt://127.0.0.1:1883 --device-id pi-01 --state-dir st/ (#5)
 
 docs: README.md, docs/architecture.md, docs/protocol.md
@@ -153,8 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     validate.set_defaults(func=_cmd_contract_validate)
 
+    from compiler.cli import add_compile_parser, add_keys_parser
+
+    add_compile_parser(sub)
+    add_keys_parser(sub)
+
     for name, issue, what, help_text in (
-        ("compile", 3, "the static pruning ladder and bundle writer", "compile a model into a bundle"),
         ("agent", 5, "the on-device agent", "run the device agent"),
         ("fleet", 7, "the fleet manager", "run the fleet manager"),
         ("devices", 8, "device profiles and the fleet simulator", "device profiles and the simulator"),

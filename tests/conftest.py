@@ -10,6 +10,7 @@ import pytest
 
 from agent.contract import BundleManifest
 from agent.data import make_fixture, write_idx
+from agent.signing import KeyPair, generate_keys
 from fleet.broker import MosquittoBroker, find_mosquitto
 from tests.samples import sample_manifest
 
@@ -39,3 +40,32 @@ def fixture_data_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def manifest() -> BundleManifest:
     return sample_manifest()
+
+
+@pytest.fixture(scope="session")
+def npz_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The in-code fixture saved as an .npz data set (500 train, 100 test), as a user would supply it."""
+    import numpy as np
+
+    data = make_fixture(n=600, seed=0)
+    path = tmp_path_factory.mktemp("data") / "fixture.npz"
+    np.savez(
+        path,
+        x_train=data.images[:500],
+        y_train=data.labels[:500],
+        x_test=data.images[500:],
+        y_test=data.labels[500:],
+        class_names=np.array(data.class_names),
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
+def signing_keys(tmp_path_factory: pytest.TempPathFactory) -> KeyPair:
+    return generate_keys(tmp_path_factory.mktemp("keys"))
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never read or fill the user's checkpoint cache."""
+    monkeypatch.setenv("EDGEPRUNE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))

@@ -1,0 +1,126 @@
+"""Export a variant to ExecuTorch (.pte, XNNPACK delegate) and ONNX, then verify each file in its runtime.
+
+Each stage hands the next a checked result, in the manner of ExecuTorch's own lowering: a file enters a
+bundle only after it was loaded by its runtime and reproduced the eager outputs on random and real
+inputs (:func:`verify`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from agent.contract import Runtime
+from compiler.errors import ExportError, VerificationError
+
+__all__ = ["EXPORTERS", "export_onnx", "export_pte", "load_runner", "verify"]
+
+log = logging.getLogger(__name__)
+
+Runner = Callable[[np.ndarray], np.ndarray]
+
+
+@contextlib.contextmanager
+def _quiet() -> object:
+    # torch.onnx prints its progress to stdout; keep ours clean.
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
+
+
+def export_pte(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    """torch.export -> to_edge_transform_and_lower(XNNPACK) -> to_executorch -> ``path``."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    model = model.to(memory_format=torch.contiguous_format).eval()  # XNNPACK's layout pass needs NCHW weights
+    try:
+        program = torch.export.export(model, (example,), strict=False)
+        lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch()
+    except Exception as exc:
+        raise ExportError(
+            f"ExecuTorch export failed: {type(exc).__name__}: {str(exc)[:500]}",
+            hint="the model must be exportable with torch.export (no data-dependent Python control flow)",
+        ) from exc
+    path.write_bytes(lowered.buffer)
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, *, input_name: str = "input") -> None:
+    """torch.onnx.export with the torch.export-based exporter (``dynamo=True``) -> ``path``."""
+    try:
+        with _quiet():
+            program = torch.onnx.export(
+                model.eval(),
+                (example,),
+                dynamo=True,
+                input_names=[input_name],
+                output_names=["logits"],
+                optimize=True,
+                verbose=False,
+            )
+            program.save(str(path))
+    except Exception as exc:
+        raise ExportError(f"ONNX export failed: {type(exc).__name__}: {str(exc)[:500]}") from exc
+
+
+EXPORTERS: dict[Runtime, tuple[str, Callable[[nn.Module, torch.Tensor, Path], None]]] = {
+    "executorch": (".pte", export_pte),
+    "onnx": (".onnx", export_onnx),
+}
+
+
+def load_runner(path: Path, runtime: Runtime, *, threads: int = 1) -> Runner:
+    """A function ``x -> logits`` running ``path`` in ``runtime`` at batch 1."""
+    if runtime == "onnx":
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        return lambda x: session.run(None, {name: x})[0]
+    from executorch.runtime import Runtime as EtRuntime
+
+    method = EtRuntime.get().load_program(path).load_method("forward")
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return method.execute([torch.from_numpy(x)])[0].numpy()
+
+    return run
+
+
+def verify(
+    model: nn.Module, path: Path, runtime: Runtime, inputs: torch.Tensor, *, atol: float = 1e-4
+) -> float:
+    """Run ``inputs`` one by one through the file and eager; raise if any logit differs by more than ``atol``.
+
+    Returns the largest absolute difference seen.
+    """
+    runner = load_runner(path, runtime)
+    worst = 0.0
+    model.eval()
+    with torch.no_grad():
+        for i in range(inputs.shape[0]):
+            x = inputs[i : i + 1].contiguous()
+            expected = model(x).numpy()
+            try:
+                got = runner(x.numpy())
+            except Exception as exc:
+                raise VerificationError(f"{path.name} failed to run in {runtime}: {exc}") from exc
+            if got.shape != expected.shape:
+                raise VerificationError(
+                    f"{path.name} returns shape {got.shape} in {runtime}, eager {expected.shape}"
+                )
+            worst = max(worst, float(np.abs(got - expected).max()))
+    if not worst <= atol:
+        raise VerificationError(
+            f"{path.name} differs from eager by {worst:.3g} in {runtime} (limit {atol})",
+            hint="this is an exporter or runtime bug for this model; the bundle was not written",
+        )
+    return worst

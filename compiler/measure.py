@@ -1,0 +1,101 @@
+"""Measure a variant: MACs and parameters, accuracy, and batch-1 latency in each runtime side by side."""
+
+from __future__ import annotations
+
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from agent.contract import Latency, Runtime
+from compiler.export import Runner, load_runner
+
+__all__ = ["count_macs_params", "host_description", "latency", "latency_side_by_side", "runner_accuracy"]
+
+
+def count_macs_params(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
+    """Multiply-accumulates of one forward pass at batch 1, and the parameter count."""
+    macs, params = tp.utils.count_ops_and_params(model.eval(), example)
+    return int(macs), int(params)
+
+
+def latency(run: Runner, x: np.ndarray, *, warmup: int = 20, runs: int = 200, threads: int = 1) -> Latency:
+    """Median and p90 of ``runs`` timed batch-1 calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        run(x)
+    times = np.empty(runs)
+    for i in range(runs):
+        start = time.perf_counter()
+        run(x)
+        times[i] = time.perf_counter() - start
+    return Latency(
+        median_ms=float(np.median(times) * 1e3),
+        p90_ms=float(np.percentile(times, 90) * 1e3),
+        threads=threads,
+        runs=runs,
+    )
+
+
+def latency_side_by_side(
+    files: dict[str, dict[Runtime, Path]],
+    x: np.ndarray,
+    *,
+    runs: int = 200,
+    threads: int = 1,
+    rounds: int = 3,
+) -> dict[str, dict[Runtime, Latency]]:
+    """Time every (variant, runtime) in one process, interleaved over ``rounds`` so drift hits all alike.
+
+    Each round times every file for ``runs // rounds`` calls; the median is over all calls of all rounds.
+    """
+    runners = {
+        (v, rt): load_runner(p, rt, threads=threads) for v, per in files.items() for rt, p in per.items()
+    }
+    samples: dict[tuple[str, Runtime], list[float]] = {k: [] for k in runners}
+    per_round = max(1, runs // rounds)
+    for run in runners.values():
+        for _ in range(10):
+            run(x)
+    for _ in range(rounds):
+        for key, run in runners.items():
+            for _ in range(per_round):
+                start = time.perf_counter()
+                run(x)
+                samples[key].append(time.perf_counter() - start)
+    out: dict[str, dict[Runtime, Latency]] = {}
+    for (variant, rt), values in samples.items():
+        arr = np.array(values) * 1e3
+        out.setdefault(variant, {})[rt] = Latency(
+            median_ms=float(np.median(arr)),
+            p90_ms=float(np.percentile(arr, 90)),
+            threads=threads,
+            runs=len(values),
+        )
+    return out
+
+
+def runner_accuracy(run: Runner, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Top-1 accuracy of an exported file, one sample at a time (what a device sees)."""
+    correct = 0
+    for i in range(x.shape[0]):
+        correct += int(run(x[i : i + 1].numpy()).argmax() == int(y[i]))
+    return correct / max(x.shape[0], 1)
+
+
+def host_description() -> str:
+    """CPU model and core count of this machine, for the manifest."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+
+    return f"{model}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}"

@@ -1,0 +1,82 @@
+"""The human side of a bundle: a Pareto plot (accuracy vs latency) and a Markdown report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from agent.contract import BundleManifest
+
+__all__ = ["markdown_report", "pareto_plot"]
+
+_MARKERS = {"onnx": "o", "executorch": "s"}
+
+
+def pareto_plot(manifest: BundleManifest, path: Path) -> None:
+    """One point per variant and runtime: median batch-1 latency (x) against test accuracy (y)."""
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for runtime, marker in _MARKERS.items():
+        pts = [
+            (v.latency[runtime].median_ms, v.accuracy, v.name)
+            for v in manifest.variants
+            if runtime in v.latency and v.accuracy is not None
+        ]
+        if not pts:
+            continue
+        pts.sort()
+        ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker=marker, linestyle="--", label=runtime)
+        for x, y, name in pts:
+            ax.annotate(name, (x, 100 * y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("median latency, batch 1 (ms)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{manifest.model_id} {manifest.bundle_version}: accuracy vs latency")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def markdown_report(manifest: BundleManifest, *, breakdown: dict[str, float], notes: list[str]) -> str:
+    """A table of every variant (MACs, params, accuracy, latency per runtime, speed-up vs dense)."""
+    dense = next((v for v in manifest.variants if v.kind == "dense"), manifest.variants[0])
+    lines = [
+        f"# {manifest.model_id} {manifest.bundle_version}",
+        "",
+        f"Created {manifest.created.created_at:%Y-%m-%d %H:%M} UTC from `{manifest.created.source_model}` on "
+        f"`{manifest.created.dataset}`; latency measured on {manifest.created.host}.",
+        "",
+        "![accuracy vs latency](pareto.png)",
+        "",
+        "| variant | kind | MACs | params | accuracy | ORT ms | ORT speed-up | ET ms | ET speed-up "
+        "| MACs ratio |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for v in manifest.variants:
+        cells = [
+            v.name,
+            v.kind,
+            f"{v.macs / 1e6:.2f}M",
+            f"{v.params / 1e3:.0f}k",
+            "-" if v.accuracy is None else f"{100 * v.accuracy:.2f}%",
+        ]
+        for rt in ("onnx", "executorch"):
+            if rt in v.latency and rt in dense.latency:
+                cells += [
+                    f"{v.latency[rt].median_ms:.3f}",
+                    f"{dense.latency[rt].median_ms / v.latency[rt].median_ms:.2f}x",
+                ]
+            else:
+                cells += ["-", "-"]
+        cells.append(f"{dense.macs / max(v.macs, 1):.2f}x")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "## Time spent", "", "| stage | seconds |", "|---|---:|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in breakdown.items()]
+    lines += [f"| **total** | {sum(breakdown.values()):.1f} |"]
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
