@@ -7,6 +7,10 @@ as the last check of what it wrote.
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
+import tarfile
+import tempfile
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -15,7 +19,7 @@ from agent.contract import MANIFEST_FILENAME, BundleManifest
 from agent.errors import UserError
 from agent.signing import verify_manifest
 
-__all__ = ["BundleError", "file_sha256", "open_bundle"]
+__all__ = ["BundleError", "file_sha256", "open_bundle", "pack_bundle", "unpack_bundle"]
 
 
 class BundleError(UserError):
@@ -57,4 +61,47 @@ def open_bundle(directory: Path, *, public_key: Ed25519PublicKey | None) -> Bund
                 raise BundleError(f"bundle file {f.path} has {size} bytes, the manifest says {f.size_bytes}")
             if file_sha256(target) != f.sha256:
                 raise BundleError(f"bundle file {f.path} does not match its sha256 (corrupt or tampered)")
+    return manifest
+
+
+def pack_bundle(directory: Path, archive: Path) -> Path:
+    """Write ``directory`` as one uncompressed tar file: sorted, owner and time stripped, so the same bundle
+    always gives the same bytes. The bundle is checked first (without signature)."""
+    open_bundle(directory, public_key=None)
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    tmp = archive.with_name(archive.name + ".part")
+    with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+        for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+            info = tar.gettarinfo(str(path), arcname=path.relative_to(directory).as_posix())
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            info.mtime = 0
+            info.mode = 0o644
+            with path.open("rb") as f:
+                tar.addfile(info, f)
+    os.replace(tmp, archive)
+    return archive
+
+
+def unpack_bundle(archive: Path, directory: Path, *, public_key: Ed25519PublicKey | None) -> BundleManifest:
+    """Extract ``archive`` into ``directory`` (which must not exist) and check it like :func:`open_bundle`.
+
+    Members that would land outside ``directory`` (absolute paths, ``..``, links) are refused by the tar
+    ``data`` filter; on any failure nothing is left at ``directory``.
+    """
+    if directory.exists():
+        raise BundleError(f"{directory} already exists", hint="unpack into a new directory")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        try:
+            with tarfile.open(archive, "r:") as tar:
+                tar.extractall(tmp, filter="data")
+        except (tarfile.TarError, OSError) as exc:
+            raise BundleError(f"cannot unpack {archive}: {exc}") from exc
+        manifest = open_bundle(tmp, public_key=public_key)
+        tmp.chmod(0o755)
+        tmp.rename(directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return manifest

@@ -74,6 +74,12 @@ def add_compile_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore
         "--finetune-epochs", type=float, default=1.0, help="fine-tuning epochs per variant (default 1)"
     )
     p.add_argument(
+        "--iterations",
+        type=int,
+        default=2,
+        help="prune -> fine-tune rounds per variant, rescoring channels each round (default 2)",
+    )
+    p.add_argument(
         "--sparsity",
         type=float,
         default=0.0,
@@ -110,6 +116,7 @@ def _run_compile(args: argparse.Namespace) -> int:
         max_drop=args.max_drop,
         train=train,
         finetune_epochs=args.finetune_epochs,
+        iterations=args.iterations,
         sparsity=args.sparsity,
         model_id=args.model_id,
         bundle_version=args.bundle_version,

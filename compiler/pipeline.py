@@ -44,7 +44,7 @@ from compiler.export import EXPORTERS, verify
 from compiler.measure import count_macs_params, host_description, latency_side_by_side
 from compiler.models import load_model
 from compiler.prune.importance import criterion as get_criterion
-from compiler.prune.plan import PruningPlan
+from compiler.prune.plan import PlanStep, PruningPlan
 from compiler.prune.sensitivity import allocate, scan
 from compiler.prune.static import MAX_RATIO, prunable_groups, prune
 from compiler.prune.unstructured import sparsify
@@ -70,6 +70,7 @@ class CompileOptions:
     max_drop: float = 0.03
     train: TrainConfig = field(default_factory=TrainConfig)
     finetune_epochs: float = 1.0
+    iterations: int = 2
     sparsity: float = 0.0
     model_id: str = "fmnist-resnet"
     bundle_version: str = "1.0.0"
@@ -193,31 +194,15 @@ def _ladder(
                     max_drop=opts.max_drop,
                     measure=real_macs,
                 )
-            model = copy.deepcopy(dense)
-            plan = prune(
-                model,
-                example,
+            model, plan = _prune_iteratively(
+                opts=opts,
+                dense=dense,
                 ratios=ratios,
-                criterion=opts.criterion,
+                splits=splits,
+                example=example,
                 calibration=calibration,
-                source_model=opts.model,
+                name=name,
             )
-            if opts.finetune_epochs > 0:
-                cfg = TrainConfig(
-                    **{
-                        **opts.train.__dict__,
-                        "epochs": opts.finetune_epochs,
-                        "lr": opts.train.lr * 0.25,
-                        "seed": opts.train.seed + 1,
-                    }
-                )
-                train(
-                    model.to(memory_format=torch.channels_last),
-                    splits.train,
-                    cfg,
-                    teacher=dense,
-                    desc=f"finetune {name}",
-                )
             if opts.sparsity:
                 sparsify(model, opts.sparsity)
             macs, params = count_macs_params(model, example)
@@ -225,6 +210,61 @@ def _ladder(
             print(f"    {name}: {macs / 1e6:.2f}M MACs ({dense_macs / macs:.2f}x fewer), accuracy {acc:.4f}")
             built.append(_Built(name, model.eval(), plan, acc, macs, params))
     return built
+
+
+def _prune_iteratively(
+    *,
+    opts: CompileOptions,
+    dense: nn.Module,
+    ratios: dict[str, float],
+    splits: Splits,
+    example: torch.Tensor,
+    calibration: tuple[torch.Tensor, torch.Tensor],
+    name: str,
+) -> tuple[nn.Module, PruningPlan]:
+    """Reach ``ratios`` in ``opts.iterations`` prune -> distil steps, rescoring channels after each step.
+
+    Step ratios compound: removing ``1 - (1 - r) ** (1 / k)`` of what is left, k times, removes ``r``.
+    The steps of all iterations form one plan, which replays on the dense model.
+    """
+    model = copy.deepcopy(dense)
+    k = max(1, opts.iterations)
+    steps: list[PlanStep] = []
+    for i in range(k):
+        step_ratios = {g: 1 - (1 - r) ** (1 / k) for g, r in ratios.items()}
+        part = prune(
+            model,
+            example,
+            ratios=step_ratios,
+            criterion=opts.criterion,
+            calibration=calibration,
+            source_model=opts.model,
+        )
+        steps += part.steps
+        if opts.finetune_epochs > 0:
+            cfg = TrainConfig(
+                **{
+                    **opts.train.__dict__,
+                    "epochs": opts.finetune_epochs / k,
+                    "lr": opts.train.lr * 0.25,
+                    "seed": opts.train.seed + 1 + i,
+                }
+            )
+            train(
+                model.to(memory_format=torch.channels_last),
+                splits.train,
+                cfg,
+                teacher=dense,
+                desc=f"finetune {name} ({i + 1}/{k})",
+            )
+    plan = PruningPlan(
+        source_model=opts.model,
+        input_shape=tuple(example.shape),
+        criterion=opts.criterion,
+        ratios={g: float(r) for g, r in sorted(ratios.items())},
+        steps=tuple(steps),
+    )
+    return model, plan
 
 
 def _export_all(

@@ -115,7 +115,7 @@ def train(
                 step += 1
                 bar.update(1)
                 if step % 50 == 0:
-                    bar.set_postfix(loss=f"{loss.item():.3f}")
+                    bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     log.info("%s: %d steps in %.0fs", desc, total, time.monotonic() - started)
     # channels_last speeds up CPU training; exporters expect the default layout back.
     return model.to(memory_format=torch.contiguous_format).eval()

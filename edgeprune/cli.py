@@ -24,6 +24,7 @@ examples:
   edgeprune data info --split test               check the Fashion-MNIST files and show their classes
   edgeprune contract schema manifest             print the bundle manifest's JSON Schema
   edgeprune contract validate bundle/manifest.json
+  edgeprune bundle inspect bundle/ --public-key ~/.config/edgeprune/keys/edgeprune.pub
   edgeprune keys new                             create the Ed25519 signing key pair
   edgeprune compile --model reference --data fashion-mnist --out bundle/
   edgeprune agent run --bundle bundle/ --broker mqtt://127.0.0.1:1883 --device-id pi-01 --state-dir st/ (#5)
@@ -103,6 +104,54 @@ def _cmd_contract_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bundle_inspect(args: argparse.Namespace) -> int:
+    from agent.bundle import open_bundle
+    from agent.signing import load_public_key
+
+    key = load_public_key(args.public_key) if args.public_key else None
+    m = open_bundle(args.bundle, public_key=key)
+    signed = "unsigned" if m.signature is None else f"signed by {m.signature.key_id}"
+    checked = "signature verified" if key else "signature NOT checked (no --public-key)"
+    print(
+        f"{m.model_id} {m.bundle_version}: {len(m.variants)} variant(s), {signed}, {checked}, all files match"
+    )
+    print(
+        f"input {m.input.name} {list(m.input.shape)} {m.input.dtype} {m.input.layout}, "
+        f"{len(m.input.class_names)} classes; made {m.created.created_at:%Y-%m-%d %H:%M} UTC from "
+        f"{m.created.source_model} on {m.created.dataset}"
+    )
+    print(
+        f"{'variant':<12}{'kind':<8}{'MACs':>9}{'params':>9}{'accuracy':>10}{'onnx ms':>9}{'pte ms':>9}  files"
+    )
+    for v in m.variants:
+        acc = "-" if v.accuracy is None else f"{100 * v.accuracy:.2f}%"
+        lat = [f"{v.latency[rt].median_ms:.3f}" if rt in v.latency else "-" for rt in ("onnx", "executorch")]
+        files = ", ".join(f"{f.path} ({f.size_bytes / 1e6:.2f} MB)" for f in v.files)
+        print(
+            f"{v.name:<12}{v.kind:<8}{v.macs / 1e6:>8.2f}M{v.params / 1e3:>8.0f}k{acc:>10}{lat[0]:>9}{lat[1]:>9}  "
+            f"{files}"
+        )
+    return 0
+
+
+def _cmd_bundle_pack(args: argparse.Namespace) -> int:
+    from agent.bundle import pack_bundle
+
+    path = pack_bundle(args.bundle, args.out)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
+    return 0
+
+
+def _cmd_bundle_unpack(args: argparse.Namespace) -> int:
+    from agent.bundle import unpack_bundle
+    from agent.signing import load_public_key
+
+    key = load_public_key(args.public_key) if args.public_key else None
+    m = unpack_bundle(args.archive, args.out, public_key=key)
+    print(f"unpacked {m.model_id} {m.bundle_version} into {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgeprune",
@@ -153,6 +202,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="default: manifest for manifest.json, message otherwise",
     )
     validate.set_defaults(func=_cmd_contract_validate)
+
+    bundle = sub.add_parser("bundle", help="inspect, pack and unpack bundles")
+    bundle_sub = bundle.add_subparsers(dest="bundle_command", required=True, metavar="ACTION")
+    inspect = bundle_sub.add_parser("inspect", help="check every file of a bundle and show its variants")
+    inspect.add_argument("bundle", type=Path)
+    inspect.add_argument(
+        "--public-key", type=Path, default=None, help="also verify the signature with this key"
+    )
+    inspect.set_defaults(func=_cmd_bundle_inspect)
+    pack = bundle_sub.add_parser("pack", help="write a bundle directory as one .tar file")
+    pack.add_argument("bundle", type=Path)
+    pack.add_argument("--out", type=Path, required=True)
+    pack.set_defaults(func=_cmd_bundle_pack)
+    unpack = bundle_sub.add_parser("unpack", help="extract and check a bundle .tar file")
+    unpack.add_argument("archive", type=Path)
+    unpack.add_argument("--out", type=Path, required=True)
+    unpack.add_argument("--public-key", type=Path, default=None)
+    unpack.set_defaults(func=_cmd_bundle_unpack)
 
     from compiler.cli import add_compile_parser, add_keys_parser
 

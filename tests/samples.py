@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 from datetime import UTC, datetime
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.contract import (
     ArtifactFile,
@@ -27,6 +31,7 @@ from agent.contract import (
     envelope,
 )
 from agent.data import FASHION_MNIST_CLASSES
+from agent.signing import sign_manifest
 
 
 def sample_manifest(*, signed: bool = False) -> BundleManifest:
@@ -159,3 +164,24 @@ def sample_messages(device_id: str = "pi-01") -> list[Message]:
             bytes_total=5000,
         ),
     ]
+
+
+def write_bundle(directory: Path, *, key: Ed25519PrivateKey | None = None) -> BundleManifest:
+    """A small, valid bundle on disk (fake model bytes, correct hashes), signed with ``key`` if given."""
+    directory.mkdir(parents=True)
+    manifest = sample_manifest()
+    variants = []
+    for v in manifest.variants:
+        files = []
+        for f in v.files:
+            data = f"{v.name} {f.runtime} ".encode() * 50
+            (directory / f.path).write_bytes(data)
+            files.append(
+                f.model_copy(update={"sha256": hashlib.sha256(data).hexdigest(), "size_bytes": len(data)})
+            )
+        variants.append(v.model_copy(update={"files": tuple(files)}))
+    manifest = manifest.model_copy(update={"variants": tuple(variants)})
+    if key is not None:
+        manifest = sign_manifest(manifest, key)
+    (directory / "manifest.json").write_text(manifest.model_dump_json(indent=1))
+    return manifest
