@@ -120,17 +120,14 @@ def _cmd_bundle_inspect(args: argparse.Namespace) -> int:
         f"{len(m.input.class_names)} classes; made {m.created.created_at:%Y-%m-%d %H:%M} UTC from "
         f"{m.created.source_model} on {m.created.dataset}"
     )
-    print(
-        f"{'variant':<12}{'kind':<8}{'MACs':>9}{'params':>9}{'accuracy':>10}{'onnx ms':>9}{'pte ms':>9}  files"
-    )
+    head = f"{'variant':<12}{'kind':<8}{'MACs':>9}{'params':>9}{'accuracy':>10}"
+    print(f"{head}{'onnx ms':>9}{'pte ms':>9}  files")
     for v in m.variants:
         acc = "-" if v.accuracy is None else f"{100 * v.accuracy:.2f}%"
         lat = [f"{v.latency[rt].median_ms:.3f}" if rt in v.latency else "-" for rt in ("onnx", "executorch")]
         files = ", ".join(f"{f.path} ({f.size_bytes / 1e6:.2f} MB)" for f in v.files)
-        print(
-            f"{v.name:<12}{v.kind:<8}{v.macs / 1e6:>8.2f}M{v.params / 1e3:>8.0f}k{acc:>10}{lat[0]:>9}{lat[1]:>9}  "
-            f"{files}"
-        )
+        size = f"{v.macs / 1e6:>8.2f}M{v.params / 1e3:>8.0f}k"
+        print(f"{v.name:<12}{v.kind:<8}{size}{acc:>10}{lat[0]:>9}{lat[1]:>9}  {files}")
     return 0
 
 
