@@ -50,7 +50,14 @@ def _not_built(command: str, issue: int, what: str) -> Callable[[argparse.Namesp
 def _cmd_demo(args: argparse.Namespace) -> int:
     from edgeprune.demo import run_demo
 
-    run_demo(data_root=args.data, devices=args.devices, fleet=args.fleet)
+    run_demo(
+        data_root=args.data,
+        devices=args.devices,
+        fleet=args.fleet,
+        out=args.out,
+        model=args.model,
+        epochs=args.epochs,
+    )
     return 0
 
 
@@ -164,9 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo",
         help="run the end-to-end demo on embedded defaults",
-        description="Run the demo. Today it runs the foundation path (data, private "
-        "broker, devices and a fleet collector speaking the contract); the full demo "
-        "arrives with issue #8.",
+        description="Run the demo. Today: compile (or reuse) the reference bundle, then simulated "
+        "devices serve its variants and report over MQTT to a collector that checks the contract; the "
+        "full demo (adaptive agents, fleet manager, rollouts) arrives with issue #8.",
     )
     demo.add_argument(
         "--data",
@@ -176,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--devices", type=int, default=3, help="simulated devices (default 3)")
     demo.add_argument("--fleet", default="demo", help="fleet id (default 'demo')")
+    demo.add_argument("--out", type=Path, default=Path("out/demo"), help="where the bundle and keys go")
+    demo.add_argument("--model", default="reference", help="model to compile (default reference)")
+    demo.add_argument("--epochs", type=float, default=None, help="dense training epochs (default 12)")
     demo.set_defaults(func=_cmd_demo)
 
     data = sub.add_parser("data", help="inspect reference data")

@@ -110,10 +110,20 @@ def test_parts_not_built_say_so(command: str) -> None:
 
 
 @pytest.mark.broker
-def test_demo_runs_end_to_end_on_fixture_data(fixture_data_dir: Path) -> None:
-    out = run("demo", "--data", str(fixture_data_dir), "--devices", "2")
+@pytest.mark.export
+@pytest.mark.slow
+def test_demo_runs_end_to_end_on_fixture_data(fixture_data_dir: Path, tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[1]
+    args = ["demo", "--data", str(fixture_data_dir), "--devices", "2", "--out", str(tmp_path / "demo"),
+            "--model", "tests.tiny_models:residual", "--epochs", "0.5"]
+    out = run(*args, env={"PYTHONPATH": str(root)}, timeout=600)
     assert out.returncode == 0, out.stderr
     assert "100 test images" in out.stdout
-    assert "dev-001    offline" in out.stdout  # the last will arrived
+    assert "dev-000   dense" in out.stdout and "dev-001   static-25" in out.stdout
+    assert "offline" in out.stdout  # the last will arrived
     assert "accepted: {'birth': 2, 'metrics': 2, 'status': 3}" in out.stdout
     assert "rejected: 1" in out.stdout
+    assert (tmp_path / "demo" / "bundle" / "manifest.json").is_file()
+    again = run(*args, env={"PYTHONPATH": str(root)}, timeout=600)  # the second run reuses the bundle
+    assert again.returncode == 0, again.stderr
+    assert "reusing" in again.stdout
