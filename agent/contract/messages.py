@@ -154,7 +154,11 @@ class Metrics(_Envelope):
         le=1,
     )
     shadow_runs: int = described("Shadow runs of the dense variant in the window.", default=0, ge=0)
-    outbox_dropped: int = described("Telemetry messages dropped since start (outbox full).", default=0, ge=0)
+    outbox_dropped: int = described(
+        "Telemetry messages dropped because the outbox was full, since the outbox was created.",
+        default=0,
+        ge=0,
+    )
 
 
 EventName = Literal[
