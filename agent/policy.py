@@ -210,7 +210,8 @@ class Policy:
         charging: float | None = None
         if variant.budget is not None:
             lo, default = variant.budget.minimum, variant.budget.default
-            budgets = tuple(default - (default - lo) * level / CRITICAL for level in range(CRITICAL + 1))
+            steps = [default - (default - lo) * level / CRITICAL for level in range(CRITICAL)]
+            budgets = (*(min(max(b, lo), default) for b in steps), lo)
             charging = variant.budget.maximum
         return _Rung(variant.name, latency.median_ms if latency else None, budgets, charging)
 
@@ -279,8 +280,8 @@ class Policy:
     def decide(self, readings: Readings, now: float) -> Decision:
         """The variant and budget for ``readings`` at monotonic time ``now`` (seconds); updates the state.
 
-        >>> policy.decide(Readings(battery_pct=80.0, charging=False, cpu_load_pct=5.0), 0.0)  # doctest: +SKIP
-        Decision(variant='dense', budget=None, reason='no pressure (battery 80%, cpu 5%, ...): dense', ...)
+        >>> policy.decide(Readings(battery_pct=80.0, cpu_load_pct=5.0), now=0.0).reason  # doctest: +SKIP
+        'no pressure (battery 80%, cpu 5%, temperature unknown): dense'
         """
         charging = readings.charging
         battery_level, battery_text = self._battery_pressure(readings.battery_pct, charging)
@@ -293,6 +294,8 @@ class Policy:
             level, cause = len(causes), "; ".join(causes)
         else:
             level, cause = 0, self._calm_text(readings)
+        if causes and readings.battery_pct is None and charging is not True:
+            cause += "; battery unknown"
 
         previous, goal_note = self._current, self._goal_note
         if self._pinned is not None:
