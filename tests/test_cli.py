@@ -114,8 +114,19 @@ def test_parts_not_built_say_so(command: str) -> None:
 @pytest.mark.slow
 def test_demo_runs_end_to_end_on_fixture_data(fixture_data_dir: Path, tmp_path: Path) -> None:
     root = Path(__file__).resolve().parents[1]
-    args = ["demo", "--data", str(fixture_data_dir), "--devices", "2", "--out", str(tmp_path / "demo"),
-            "--model", "tests.tiny_models:residual", "--epochs", "0.5"]
+    args = [
+        "demo",
+        "--data",
+        str(fixture_data_dir),
+        "--devices",
+        "2",
+        "--out",
+        str(tmp_path / "demo"),
+        "--model",
+        "tests.tiny_models:residual",
+        "--epochs",
+        "0.5",
+    ]
     out = run(*args, env={"PYTHONPATH": str(root)}, timeout=600)
     assert out.returncode == 0, out.stderr
     assert "100 test images" in out.stdout
