@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -13,6 +14,9 @@ from agent.data import make_fixture, write_idx
 from agent.signing import KeyPair, generate_keys
 from fleet.broker import MosquittoBroker, find_mosquitto
 from tests.samples import sample_manifest
+
+if TYPE_CHECKING:
+    from compiler.pipeline import CompileOptions, CompileResult
 
 
 @pytest.fixture(scope="session")
@@ -69,3 +73,49 @@ def signing_keys(tmp_path_factory: pytest.TempPathFactory) -> KeyPair:
 def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests never read or fill the user's checkpoint cache."""
     monkeypatch.setenv("EDGEPRUNE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+FAST_TRAIN_EPOCHS = 2.0
+
+
+def options(out: Path, keys: KeyPair, data: Path, **kw: object) -> CompileOptions:
+    """Compile options for a tiny model on the fixture data: seconds, not minutes."""
+    from compiler.pipeline import CompileOptions
+    from compiler.train import TrainConfig
+
+    base: dict[str, object] = dict(
+        out=out,
+        key=keys.private,
+        model="tests.tiny_models:residual",
+        data=str(data),
+        ratios=(0.5,),
+        train=TrainConfig(epochs=FAST_TRAIN_EPOCHS, batch_size=64, lr=0.1),
+        finetune_epochs=1,
+        latency_runs=20,
+        calibration_samples=64,
+        validation_samples=100,
+        verify_samples=4,
+    )
+    base.update(kw)
+    return CompileOptions(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def compiled(
+    tmp_path_factory: pytest.TempPathFactory, npz_data: Path, signing_keys: KeyPair
+) -> CompileResult:
+    """A real bundle (dense + static-50 of the tiny residual model, .onnx and .pte), compiled once.
+
+    Treat it as read-only: copy it (shutil.copytree) before damaging it.
+    """
+    from compiler.pipeline import compile_bundle
+
+    old = os.environ.get("EDGEPRUNE_CACHE")
+    os.environ["EDGEPRUNE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    try:
+        return compile_bundle(options(tmp_path_factory.mktemp("bundles") / "b", signing_keys, npz_data))
+    finally:
+        if old is None:
+            os.environ.pop("EDGEPRUNE_CACHE", None)
+        else:
+            os.environ["EDGEPRUNE_CACHE"] = old

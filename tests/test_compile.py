@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -20,42 +19,14 @@ from agent.signing import KeyPair, SignatureError, generate_keys, load_public_ke
 from compiler.errors import CompileError, ExportError
 from compiler.export import load_runner
 from compiler.measure import count_macs_params
-from compiler.pipeline import CompileOptions, CompileResult, compile_bundle
+from compiler.pipeline import CompileResult, compile_bundle
 from compiler.prune.plan import PruningPlan
 from compiler.prune.static import replay
 from compiler.train import TrainConfig
+from tests.conftest import options
 from tests.tiny_models import Residual
 
 pytestmark = [pytest.mark.export, pytest.mark.slow]
-
-FAST = TrainConfig(epochs=2, batch_size=64, lr=0.1)
-
-
-def options(out: Path, keys: KeyPair, data: Path, **kw: object) -> CompileOptions:
-    base: dict[str, object] = dict(
-        out=out,
-        key=keys.private,
-        model="tests.tiny_models:residual",
-        data=str(data),
-        ratios=(0.5,),
-        train=FAST,
-        finetune_epochs=1,
-        latency_runs=20,
-        calibration_samples=64,
-        validation_samples=100,
-        verify_samples=4,
-    )
-    base.update(kw)
-    return CompileOptions(**base)  # type: ignore[arg-type]
-
-
-@pytest.fixture(scope="session")
-def compiled(
-    tmp_path_factory: pytest.TempPathFactory, npz_data: Path, signing_keys: KeyPair
-) -> CompileResult:
-    os.environ["EDGEPRUNE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    out = tmp_path_factory.mktemp("bundles") / "b"
-    return compile_bundle(options(out, signing_keys, npz_data))
 
 
 def test_bundle_is_complete_and_signed(compiled: CompileResult, signing_keys: KeyPair) -> None:
