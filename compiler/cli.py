@@ -66,8 +66,8 @@ def add_compile_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore
     p.add_argument(
         "--max-drop",
         type=float,
-        default=0.03,
-        help="accuracy a single layer group may lose in the scan before it is pruned no further",
+        default=0.05,
+        help="scan accuracy loss past which a layer group is cut only after all others (default 0.05)",
     )
     p.add_argument("--epochs", type=float, default=None, help="dense training epochs (default 12)")
     p.add_argument(

@@ -67,7 +67,7 @@ class CompileOptions:
     ratios: tuple[float, ...] = (0.25, 0.5, 0.75)
     criterion: str = "l1"
     auto: bool = True
-    max_drop: float = 0.03
+    max_drop: float = 0.05
     train: TrainConfig = field(default_factory=TrainConfig)
     finetune_epochs: float = 1.0
     iterations: int = 2

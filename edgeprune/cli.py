@@ -228,13 +228,14 @@ def build_parser() -> argparse.ArgumentParser:
     unpack.add_argument("--public-key", type=Path, default=None)
     unpack.set_defaults(func=_cmd_bundle_unpack)
 
+    from agent.cli import add_agent_parser
     from compiler.cli import add_compile_parser, add_keys_parser
 
     add_compile_parser(sub)
     add_keys_parser(sub)
+    add_agent_parser(sub)
 
     for name, issue, what, help_text in (
-        ("agent", 5, "the on-device agent", "run the device agent"),
         ("fleet", 7, "the fleet manager", "run the fleet manager"),
         ("devices", 8, "device profiles and the fleet simulator", "device profiles and the simulator"),
     ):

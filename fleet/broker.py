@@ -42,8 +42,10 @@ def find_mosquitto() -> Path | None:
 
 
 def port_is_free(host: str, port: int) -> bool:
-    """Whether ``port`` on ``host`` can be bound right now."""
+    """Whether ``port`` on ``host`` can be bound right now by a server (which, like mosquitto, sets
+    SO_REUSEADDR: connections of a previous server in TIME_WAIT do not count, a live listener does)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:

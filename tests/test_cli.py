@@ -102,7 +102,7 @@ def test_schema_is_json_schema(what: str) -> None:
     assert "$defs" in schema
 
 
-@pytest.mark.parametrize("command", ["agent", "fleet", "devices"])
+@pytest.mark.parametrize("command", ["fleet", "devices"])
 def test_parts_not_built_say_so(command: str) -> None:
     out = run(command)
     assert out.returncode == 1

@@ -168,6 +168,7 @@ EventName = Literal[
     "variant_switch",
     "budget_change",
     "command_rejected",
+    "desired_applied",
     "error",
 ]
 

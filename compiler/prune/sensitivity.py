@@ -88,29 +88,41 @@ def allocate(
     """Per-group ratios that bring the real MACs (``measure(ratios)``) down to ``target_macs``.
 
     Each step raises one group to its next step ratio: the one whose single-group scan lost the least
-    accuracy per MAC saved, among those that stay within ``max_drop`` of the baseline on their own.
+    accuracy per MAC saved. Steps that would cost a group more than ``max_drop`` on its own (before
+    fine-tuning) come last: they are taken only once every other step is used up, with a warning, so
+    a ladder step always reaches its MACs target and the fragile layers are cut least.
     """
     ratios = {s.group.root: 0.0 for s in sensitivities}
     macs = dense_macs
+    warned = False
     while macs > target_macs:
-        best: tuple[float, str, float] | None = None
+        best: tuple[bool, float, str, float] | None = None
         for s in sensitivities:
             current = ratios[s.group.root]
             nxt = next((r for r in STEPS if r > current), None)
-            if nxt is None or baseline - s.accuracy[nxt] > max_drop:
+            if nxt is None:
                 continue
             before_macs = s.macs[current] if current else dense_macs
             before_acc = s.accuracy[current] if current else baseline
             gain = before_macs - s.macs[nxt]
             loss = max(before_acc - s.accuracy[nxt], 0.0)
-            cost = (loss + 1e-4) / max(gain, 1)
-            if best is None or cost < best[0]:
-                best = (cost, s.group.root, nxt)
+            key = (baseline - s.accuracy[nxt] > max_drop, (loss + 1e-4) / max(gain, 1), s.group.root, nxt)
+            if best is None or key[:2] < best[:2]:
+                best = key
         if best is None:
             log.warning(
-                "accuracy bound %.3f stops the allocation at %d MACs (target %d)", max_drop, macs, target_macs
+                "every group is at its largest step; MACs %d stay above the target %d", macs, target_macs
             )
             break
-        ratios[best[1]] = best[2]
+        over, _, root, nxt = best
+        if over and not warned:
+            log.warning(
+                "reaching %d MACs needs steps past the accuracy bound %.3f (from %s on)",
+                target_macs,
+                max_drop,
+                root,
+            )
+            warned = True
+        ratios[root] = nxt
         macs = measure(ratios)
     return ratios

@@ -1,0 +1,448 @@
+"""The device agent: serves a verified bundle, adapts the variant to the device, reports over MQTT.
+
+One object, :class:`Agent`, owns the pieces:
+
+- the bundle, opened with :func:`agent.bundle.open_bundle` (every file's hash and the signature checked
+  before anything is loaded) and served by a :class:`agent.runtime.ModelServer`;
+- the sensors and the :class:`agent.policy.Policy`, consulted every ``decide_period_s`` by the agent's
+  own thread (never per inference: reading sensors costs more than deciding);
+- telemetry: every message goes through the on-disk :class:`agent.outbox.Outbox` first, then to the
+  broker (QoS 1), so an outage or a restart loses nothing; consumers drop duplicates by ``message_id``;
+- the fleet's retained ``desired`` state: validated, applied in revision order, rejected with an
+  ``command_rejected`` event when malformed (never a crash).
+
+paho's network thread only enqueues (``on_message``) or sets flags (``on_connect``/``on_disconnect``);
+all work happens in :meth:`Agent.infer` (the caller's thread) and in the agent's loop thread.
+
+>>> agent = Agent(AgentConfig(bundle=Path("b"), public_key=Path("k.pub"), broker_url="mqtt://127.0.0.1:1883",
+...               device_id="pi-01", state_dir=Path("state")))  # doctest: +SKIP
+>>> agent.start(); agent.infer(image).label; agent.stop()  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import paho.mqtt.client as mqtt
+
+from agent import __version__
+from agent.bundle import open_bundle
+from agent.contract import (
+    CHANNELS,
+    Birth,
+    BundleManifest,
+    BundleRef,
+    Channel,
+    ContractError,
+    DesiredState,
+    Event,
+    EventName,
+    Message,
+    Metrics,
+    Percentiles,
+    Readings,
+    Scalar,
+    Status,
+    device_topic,
+    envelope,
+    parse_message,
+)
+from agent.errors import UserError
+from agent.mqtt import make_client, parse_broker_url
+from agent.outbox import Outbox, OutboxError
+from agent.policy import Decision, Policy, PolicyConfig
+from agent.runtime import Inference, ModelServer, make_backend
+from agent.sensors import SensorSource, SystemSensors
+from agent.signing import load_public_key
+
+__all__ = ["Agent", "AgentConfig"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """How one agent runs. Paths are on the device; ``state_dir`` survives restarts."""
+
+    bundle: Path
+    public_key: Path
+    broker_url: str
+    device_id: str
+    state_dir: Path
+    fleet: str = "default"
+    backend: str = "onnx"
+    profile: str = "host"
+    threads: int = 1
+    metrics_period_s: float = 10.0
+    heartbeat_period_s: float = 30.0
+    decide_period_s: float = 1.0
+    shadow_rate: float = 0.0
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    keepalive_s: int = 15
+    reconnect_min_s: int = 1
+    reconnect_max_s: int = 30
+    memory_cap_mb: float | None = None
+    seed: int | None = None
+
+
+@dataclass
+class _Window:
+    """Accumulates one metrics window."""
+
+    started: float
+    latencies: list[float] = field(default_factory=list)
+    macs: float = 0.0
+    errors: int = 0
+    shadow_runs: int = 0
+    shadow_agree: int = 0
+
+
+class Agent:
+    """See the module docstring. Thread-safe: :meth:`infer` may be called from any thread."""
+
+    def __init__(self, config: AgentConfig, *, sensors: SensorSource | None = None) -> None:
+        self.config = config
+        self.sensors: SensorSource = sensors if sensors is not None else SystemSensors()
+        self._address = parse_broker_url(config.broker_url)
+        self._public_key = load_public_key(config.public_key)
+        self.manifest: BundleManifest = open_bundle(config.bundle, public_key=self._public_key)
+        self._backend = make_backend(config.backend, threads=config.threads)
+        self.server = ModelServer(
+            config.bundle, self.manifest, self._backend, memory_cap_mb=config.memory_cap_mb
+        )
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        self.outbox = Outbox(config.state_dir / "outbox.sqlite")
+        self.policy = Policy(self.manifest, config.policy, runtime=self._backend.name)
+        self._desired_path = config.state_dir / "desired.json"
+        self._desired_revision = -1
+        self._metrics_period = config.metrics_period_s
+        self._heartbeat_period = config.heartbeat_period_s
+        self._lock = threading.Lock()
+        self._window = _Window(started=time.monotonic())
+        self._started_at = time.monotonic()
+        self._inbox: queue.Queue[bytes] = queue.Queue()
+        self._connected = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._random = random.Random(config.seed)
+        self.decision: Decision | None = None
+        self.readings = Readings()
+        self._client = self._make_client()
+        self._restore_desired()
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+
+    def _make_client(self) -> mqtt.Client:
+        client = make_client(self.config.device_id)
+        will = Status(
+            **envelope(device_id=self.config.device_id, seq=self.outbox.next_seq()),
+            state="offline",
+            uptime_s=0,
+            active_variant=None,
+        )
+        client.will_set(self._topic("status"), will.to_json(), qos=1, retain=True)
+        client.reconnect_delay_set(
+            min_delay=self.config.reconnect_min_s, max_delay=self.config.reconnect_max_s
+        )
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        return client
+
+    def start(self) -> None:
+        """Queue the birth, connect in the background (retrying with backoff), start the loop."""
+        self._tick_policy(time.monotonic(), force=True)
+        self._send(
+            "birth",
+            Birth(
+                **self._env(),
+                profile=self.config.profile,
+                agent_version=__version__,
+                backend=self._backend.name,
+                bundle=self._bundle_ref(),
+                variants=self.server.available,
+            ),
+        )
+        self._send_status("online")
+        self._event(
+            "started",
+            f"agent {__version__} serving {self.manifest.model_id} "
+            f"{self.manifest.bundle_version} with {self._backend.name}",
+        )
+        self._client.connect_async(self._address.host, self._address.port, keepalive=self.config.keepalive_s)
+        self._client.loop_start()
+        self._thread = threading.Thread(target=self._loop, name=f"agent-{self.config.device_id}", daemon=True)
+        self._thread.start()
+
+    def stop(self, *, flush_timeout_s: float = 5.0) -> None:
+        """Clean shutdown: last metrics, an offline status, flush the outbox, disconnect, close."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self._flush_metrics(time.monotonic())
+        self._event("stopping", "agent stopping")
+        self._send_status("offline")
+        if self._connected.wait(timeout=min(flush_timeout_s, 1.0)):
+            try:
+                self.outbox.drain(self._client, timeout_s=flush_timeout_s)
+            except OutboxError as exc:
+                log.warning("could not flush the outbox on stop: %s", exc)
+        self._client.disconnect()
+        self._client.loop_stop()
+        log.info("stopped with %d message(s) still queued", self.outbox.pending())
+        self.outbox.close()
+
+    def __enter__(self) -> Agent:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ---- inference -------------------------------------------------------------------------------
+
+    def infer(self, x: np.ndarray) -> Inference:
+        """Run one input on the variant the policy chose; optionally shadow-run dense to measure agreement."""
+        try:
+            result = self.server.infer(x)
+        except Exception:
+            with self._lock:
+                self._window.errors += 1
+            raise
+        shadow = None
+        if (
+            self.config.shadow_rate
+            and result.variant != self._dense
+            and self._random.random() < self.config.shadow_rate
+        ):
+            shadow = self.server.infer(x, variant=self._dense)
+        with self._lock:
+            self._window.latencies.append(result.latency_ms)
+            self._window.macs += result.macs
+            if shadow is not None:
+                self._window.shadow_runs += 1
+                self._window.shadow_agree += int(shadow.label == result.label)
+        return result
+
+    @property
+    def _dense(self) -> str:
+        return next(
+            (v.name for v in self.manifest.variants if v.kind == "dense"), self.manifest.variants[0].name
+        )
+
+    # ---- the loop ------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        now = time.monotonic()
+        next_decide, next_metrics, next_heartbeat = (
+            now,
+            now + self._metrics_period,
+            now + self._heartbeat_period,
+        )
+        while not self._stop.is_set():
+            try:
+                now = time.monotonic()
+                self._handle_commands()
+                if now >= next_decide:
+                    self._tick_policy(now)
+                    next_decide = now + self.config.decide_period_s
+                if now >= next_metrics:
+                    self._flush_metrics(now)
+                    next_metrics = now + self._metrics_period
+                if now >= next_heartbeat:
+                    self._send_status("online")
+                    next_heartbeat = now + self._heartbeat_period
+                if self._connected.is_set() and self.outbox.pending():
+                    self.outbox.drain(self._client, timeout_s=2.0, max_messages=500)
+            except Exception as exc:  # the daemon's top loop: report, keep serving
+                log.exception("agent loop error")
+                self._safe_event("error", f"agent loop error: {type(exc).__name__}: {exc}", severity="error")
+            self._stop.wait(0.05)
+
+    def _tick_policy(self, now: float, *, force: bool = False) -> None:
+        self.readings = self.sensors.read()
+        decision = self.policy.decide(self.readings, now)
+        previous = self.decision
+        self.decision = decision
+        if decision.variant != self.server.active or force:
+            old = self.server.active
+            self.server.switch(decision.variant)
+            if old != decision.variant:
+                self._event(
+                    "variant_switch",
+                    decision.reason,
+                    data={
+                        "from_variant": old,
+                        "to_variant": decision.variant,
+                        "pressure": decision.pressure,
+                        "battery_pct": self.readings.battery_pct,
+                        "charging": self.readings.charging,
+                        "cpu_load_pct": self.readings.cpu_load_pct,
+                        "temperature_c": self.readings.temperature_c,
+                    },
+                )
+        elif previous is not None and decision.budget != previous.budget:
+            self._event("budget_change", decision.reason, data={"budget": decision.budget})
+
+    def _flush_metrics(self, now: float) -> None:
+        with self._lock:
+            window, self._window = self._window, _Window(started=now)
+        n = len(window.latencies)
+        latency = None
+        if n:
+            p50, p90, p99 = (float(v) for v in np.percentile(window.latencies, [50, 90, 99]))
+            latency = Percentiles(p50_ms=p50, p90_ms=p90, p99_ms=p99)
+        self._send(
+            "metrics",
+            Metrics(
+                **self._env(),
+                window_s=max(now - window.started, 1e-3),
+                inferences=n,
+                errors=window.errors,
+                latency=latency,
+                mean_macs=window.macs / n if n else None,
+                mean_density=1.0 if n else None,
+                active_variant=self.server.active,
+                budget=self.decision.budget if self.decision else None,
+                readings=self.readings,
+                agreement=window.shadow_agree / window.shadow_runs if window.shadow_runs else None,
+                shadow_runs=window.shadow_runs,
+                outbox_dropped=self.outbox.dropped,
+            ),
+        )
+
+    # ---- commands ------------------------------------------------------------------------------
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        self._inbox.put(bytes(msg.payload))  # only enqueue: the loop thread does the work
+
+    def _handle_commands(self) -> None:
+        while True:
+            try:
+                payload = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if not payload:
+                continue  # a cleared retained message
+            try:
+                message = parse_message(payload, expect_kind="desired", expect_device=self.config.device_id)
+                assert isinstance(message, DesiredState)
+                self._apply_desired(message)
+            except (ContractError, UserError) as exc:
+                self._event(
+                    "command_rejected",
+                    f"desired state rejected: {exc}",
+                    severity="warning",
+                    data={"payload_bytes": len(payload)},
+                )
+
+    def _apply_desired(self, desired: DesiredState, *, persist: bool = True) -> None:
+        if desired.revision <= self._desired_revision:
+            return
+        policy = PolicyConfig().with_overrides(
+            {**desired.policy_overrides, "pinned_variant": desired.pinned_variant}
+        )
+        if desired.pinned_variant is not None and desired.pinned_variant not in self.server.available:
+            raise UserError(
+                f"pinned variant {desired.pinned_variant!r} is not in this bundle "
+                f"({', '.join(self.server.available)})"
+            )
+        self.policy.reconfigure(policy)
+        if desired.metrics_period_s is not None:
+            self._metrics_period = desired.metrics_period_s
+        if desired.heartbeat_period_s is not None:
+            self._heartbeat_period = desired.heartbeat_period_s
+        self._desired_revision = desired.revision
+        if persist:
+            tmp = self._desired_path.with_suffix(".tmp")
+            tmp.write_text(desired.to_json())
+            with tmp.open("rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, self._desired_path)
+        note = "" if desired.update is None else "; the update instruction waits for the updater (issue #6)"
+        self._event(
+            "desired_applied",
+            f"applied desired state revision {desired.revision}{note}",
+            data={"revision": desired.revision, "pinned_variant": desired.pinned_variant},
+        )
+        self._tick_policy(time.monotonic())
+
+    def _restore_desired(self) -> None:
+        try:
+            saved = DesiredState.from_json(self._desired_path.read_bytes())
+        except FileNotFoundError:
+            return
+        except ContractError as exc:
+            log.warning("ignoring unreadable %s: %s", self._desired_path, exc)
+            return
+        self._apply_desired(saved, persist=False)
+
+    # ---- MQTT callbacks (network thread: flags only) -----------------------------------------
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if reason.is_failure:
+            log.warning("broker refused the connection: %s", reason)
+            return
+        client.subscribe(self._topic("desired"), qos=1)
+        self._connected.set()
+        log.info("connected to %s", self.config.broker_url)
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        self._connected.clear()
+        log.info("disconnected (%s); paho reconnects with backoff", reason)
+
+    # ---- sending -------------------------------------------------------------------------------
+
+    def _topic(self, channel: Channel) -> str:
+        return device_topic(self.config.fleet, self.config.device_id, channel)
+
+    def _env(self) -> dict[str, Any]:
+        return envelope(device_id=self.config.device_id, seq=self.outbox.next_seq())
+
+    def _bundle_ref(self) -> BundleRef:
+        return BundleRef(model_id=self.manifest.model_id, bundle_version=self.manifest.bundle_version)
+
+    def _send(self, channel: Channel, message: Message) -> None:
+        spec = CHANNELS[channel]
+        self.outbox.put(
+            self._topic(channel),
+            message.to_json().encode(),
+            qos=spec.qos,
+            retain=spec.retained,
+            message_id=message.message_id,
+        )
+
+    def _send_status(self, state: str) -> None:
+        self._send(
+            "status",
+            Status(
+                **self._env(),
+                state=state,
+                uptime_s=time.monotonic() - self._started_at,
+                active_variant=self.server.active,
+                budget=self.decision.budget if self.decision else None,
+                outbox_pending=self.outbox.pending(),
+            ),
+        )
+
+    def _event(
+        self, name: EventName, message: str, *, severity: str = "info", data: dict[str, Scalar] | None = None
+    ) -> None:
+        self._send(
+            "events", Event(**self._env(), event=name, severity=severity, message=message, data=data or {})
+        )
+
+    def _safe_event(self, name: EventName, message: str, *, severity: str) -> None:
+        try:
+            self._event(name, message, severity=severity)
+        except Exception:  # the outbox itself failed (disk full): the log is all we have
+            log.exception("could not queue the %s event", name)

@@ -1,0 +1,537 @@
+"""Run the variants of a verified bundle: runtime backends, input preprocessing and the model server.
+
+* A :class:`Backend` turns one exported file into a :class:`LoadedModel` (``x -> logits``).
+  :class:`OnnxBackend` runs ``.onnx`` files with onnxruntime and never imports torch;
+  :class:`ExecutorchBackend` runs ``.pte`` files with the ExecuTorch Python runtime, which only accepts
+  torch tensors, so it imports torch -- lazily, when it is constructed, never when this module is imported.
+* :func:`preprocess` turns a raw image (``uint8``) into the normalised ``float32`` tensor the graphs expect.
+* :class:`ModelServer` keeps the variants of one bundle loaded in one backend, switches the active
+  variant atomically (safe from any thread while others infer) and can cap the memory the loaded files
+  take, evicting the least recently used.
+
+The bundle must have been verified by the caller (:func:`agent.bundle.open_bundle`) first: this module
+loads files, it does not check their hashes or the signature.
+
+>>> manifest = open_bundle(bundle, public_key=key)  # doctest: +SKIP
+>>> server = ModelServer(bundle, manifest, make_backend("onnx"))  # doctest: +SKIP
+>>> server.infer(image).variant, server.switch("static-50")  # doctest: +SKIP
+('dense', None)
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, get_args, runtime_checkable
+
+import numpy as np
+import onnxruntime as ort
+
+from agent.contract import BundleManifest, InputSpec, Runtime
+from agent.errors import UserError
+
+__all__ = [
+    "RUNTIMES",
+    "Backend",
+    "BackendError",
+    "ExecutorchBackend",
+    "Inference",
+    "LoadedModel",
+    "ModelServer",
+    "OnnxBackend",
+    "make_backend",
+    "preprocess",
+]
+
+log = logging.getLogger(__name__)
+
+RUNTIMES: tuple[Runtime, ...] = get_args(Runtime)
+"""Every runtime :func:`make_backend` knows, in the order of :data:`agent.contract.Runtime`."""
+
+EXECUTORCH_HINT = "pip install -c constraints.txt 'edgeprune[executorch]'"
+_MB = 1_000_000
+
+
+class BackendError(UserError):
+    """A runtime is unknown or not installed, a model file cannot be loaded or run, or an input does not
+    fit the model."""
+
+
+@runtime_checkable
+class LoadedModel(Protocol):
+    """One exported file, loaded and ready: ``run`` maps a preprocessed input to logits ``[1, classes]``.
+
+    >>> logits = OnnxBackend().load(Path("dense.onnx")).run(x)  # doctest: +SKIP
+    """
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """Logits ``[1, classes]`` for ``x``, a contiguous array of the bundle's input shape and dtype."""
+        ...
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A runtime that loads exported files of one kind (``name``: ``onnx`` -> ``.onnx``, ...).
+
+    >>> isinstance(OnnxBackend(), Backend)
+    True
+    """
+
+    name: Runtime
+
+    def load(self, path: Path) -> LoadedModel:
+        """Load ``path``; :class:`BackendError` naming the file if it cannot be loaded."""
+        ...
+
+
+# --------------------------------------------------------------------------------------------- backends
+
+
+class _OnnxModel:
+    __slots__ = ("_input", "_run")
+
+    def __init__(self, session: Any) -> None:
+        inputs = session.get_inputs()
+        if len(inputs) != 1:
+            names = [i.name for i in inputs]
+            raise BackendError(f"the graph has {len(inputs)} inputs {names}; only single-input graphs run")
+        self._input: str = inputs[0].name
+        self._run: Callable[[Any, dict[str, np.ndarray]], list[np.ndarray]] = session.run
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        return self._run(None, {self._input: x})[0]
+
+
+class OnnxBackend:
+    """onnxruntime on the CPU: ``intra_op_num_threads=threads``, one inter-op thread, all graph
+    optimisations. Never imports torch.
+
+    >>> model = OnnxBackend(threads=2).load(Path("bundle/dense.onnx"))  # doctest: +SKIP
+    >>> model.run(np.zeros((1, 1, 28, 28), np.float32)).shape  # doctest: +SKIP
+    (1, 10)
+    """
+
+    name: Runtime = "onnx"
+
+    def __init__(self, *, threads: int = 1) -> None:
+        if threads < 1:
+            raise BackendError(f"threads must be >= 1, got {threads}")
+        self.threads = threads
+
+    def load(self, path: Path) -> LoadedModel:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = self.threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own pybind classes (InvalidProtobuf, NoSuchFile...)
+            raise BackendError(f"onnxruntime cannot load {path}: {exc}") from exc
+        return _OnnxModel(session)
+
+    def __repr__(self) -> str:
+        return f"OnnxBackend(threads={self.threads})"
+
+
+class _ExecutorchModel:
+    __slots__ = ("_from_numpy", "_lock", "_method")
+
+    def __init__(self, method: Any, from_numpy: Callable[[np.ndarray], Any]) -> None:
+        self._method = method
+        self._from_numpy = from_numpy
+        # An ExecuTorch Method owns its planned memory: executions of one method must not overlap.
+        self._lock = threading.Lock()
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        with self._lock:
+            out: np.ndarray = self._method.execute([self._from_numpy(x)])[0].numpy()
+        return out
+
+
+class ExecutorchBackend:
+    """The ExecuTorch Python runtime (``executorch.runtime``) running ``.pte`` files.
+
+    **Imports torch.** ``executorch.runtime`` accepts and returns only torch tensors, so the constructor
+    imports ``torch`` and ``executorch.runtime``, lazily: importing this module or using
+    :class:`OnnxBackend` never loads torch. This is the one sanctioned exception to "the agent never
+    imports torch" (``docs/architecture.md``; ``tests/test_architecture.py`` allows exactly it).
+    Install with ``pip install -c constraints.txt 'edgeprune[executorch]'``; without it the constructor
+    raises :class:`BackendError` with that hint.
+
+    >>> model = ExecutorchBackend().load(Path("bundle/dense.pte"))  # doctest: +SKIP
+    >>> model.run(np.zeros((1, 1, 28, 28), np.float32)).shape  # doctest: +SKIP
+    (1, 10)
+    """
+
+    name: Runtime = "executorch"
+
+    def __init__(self) -> None:
+        try:
+            import executorch.runtime as et_runtime
+            import torch  # noqa: TID251 -- the opt-in ExecuTorch backend, see the class docstring
+        except ImportError as exc:
+            raise BackendError(
+                f"the ExecuTorch runtime is not installed ({exc})", hint=EXECUTORCH_HINT
+            ) from exc
+        self._from_numpy: Callable[[np.ndarray], Any] = torch.from_numpy
+        self._runtime: Any = et_runtime.Runtime.get()
+
+    def load(self, path: Path) -> LoadedModel:
+        try:
+            method = self._runtime.load_program(path).load_method("forward")
+        except Exception as exc:  # the pybindings raise a bare RuntimeError with an error code
+            raise BackendError(f"ExecuTorch cannot load {path}: {exc}") from exc
+        return _ExecutorchModel(method, self._from_numpy)
+
+    def __repr__(self) -> str:
+        return "ExecutorchBackend()"
+
+
+def make_backend(name: str, *, threads: int = 1) -> Backend:
+    """The backend for runtime ``name`` (``onnx`` or ``executorch``).
+
+    ``threads`` is onnxruntime's intra-op thread count; the ExecuTorch Python runtime has no such knob
+    and ignores it.
+
+    >>> make_backend("onnx", threads=2)
+    OnnxBackend(threads=2)
+    """
+    if name == "onnx":
+        return OnnxBackend(threads=threads)
+    if name == "executorch":
+        if threads != 1:
+            log.debug("the ExecuTorch backend ignores threads=%d", threads)
+        return ExecutorchBackend()
+    raise BackendError(f"unknown runtime {name!r}; valid runtimes: {', '.join(RUNTIMES)}")
+
+
+# ---------------------------------------------------------------------------------------- preprocessing
+
+
+class _Preprocessor:
+    """:func:`preprocess` for one :class:`InputSpec`, with the shapes and constants worked out once."""
+
+    def __init__(self, spec: InputSpec) -> None:
+        if spec.dtype not in ("float32", "float16"):
+            raise BackendError(
+                f"inputs of dtype {spec.dtype} are not supported yet; only float32 and float16 graphs run"
+            )
+        self.shape = spec.shape
+        self.dtype = np.dtype(spec.dtype)
+        norm = spec.normalization
+        # Each accepted uint8 shape and how to view it as spec.shape; the first match wins, so the
+        # spec's own layout is preferred when two readings of a shape are possible (e.g. 3x3x3).
+        self.accepted: list[tuple[tuple[int, ...], Callable[[np.ndarray], np.ndarray]]] = [
+            (spec.shape, lambda a: a)
+        ]
+        if spec.layout == "NC":
+            features = spec.shape[1]
+            self.accepted.append(((features,), lambda a: a.reshape(spec.shape)))
+            if len(norm.mean) not in (1, features):
+                raise BackendError(
+                    f"normalization has {len(norm.mean)} values for {features} input features; need 1 or "
+                    f"{features}"
+                )
+            channel_shape: tuple[int, ...] = (1, len(norm.mean))
+        else:
+            if spec.layout == "NCHW":
+                _, c, h, w = spec.shape
+                chw = (c, h, w), lambda a: a.reshape(spec.shape)
+                hwc = (h, w, c), lambda a: a.transpose(2, 0, 1)[None]
+                self.accepted += [chw, hwc]
+                channel_shape = (1, c, 1, 1)
+            else:
+                _, h, w, c = spec.shape
+                hwc = (h, w, c), lambda a: a.reshape(spec.shape)
+                chw = (c, h, w), lambda a: a.transpose(1, 2, 0)[None]
+                self.accepted += [hwc, chw]
+                channel_shape = (1, 1, 1, c)
+            if c == 1:
+                self.accepted.append(((h, w), lambda a: a.reshape(spec.shape)))
+        self.scale = np.float32(norm.scale)
+        self.mean = np.asarray(norm.mean, np.float32).reshape(channel_shape)
+        self.std = np.asarray(norm.std, np.float32).reshape(channel_shape)
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        if image.dtype == self.dtype and image.shape == self.shape:
+            return np.ascontiguousarray(image)
+        if image.dtype == np.uint8:
+            for shape, arrange in self.accepted:
+                if image.shape == shape:
+                    x = arrange(image).astype(np.float32, order="C")
+                    x /= self.scale
+                    x -= self.mean
+                    x /= self.std
+                    return x if self.dtype == np.float32 else x.astype(self.dtype)
+        accepted = " or ".join(str(s) for s, _ in self.accepted)
+        raise BackendError(
+            f"input has shape {image.shape} and dtype {image.dtype}; expected uint8 of shape {accepted}, "
+            f"or already-normalised {self.dtype} of shape {self.shape}"
+        )
+
+
+def preprocess(image: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """The model input for ``image``: a contiguous array of ``spec.shape`` and ``spec.dtype``.
+
+    ``image`` is either raw ``uint8`` -- ``[H, W]`` (one channel), ``[H, W, C]``, ``[C, H, W]`` or exactly
+    ``spec.shape`` -- normalised per channel as ``(pixel / scale - mean) / std``, or an already-normalised
+    float array of exactly ``spec.shape`` and ``spec.dtype``, returned as is (made contiguous if needed).
+    Anything else raises :class:`BackendError` with the expected and the actual shape.
+
+    >>> spec = InputSpec(shape=(1, 1, 2, 2), normalization={"mean": [0.5], "std": [0.5], "scale": 255},
+    ...                  class_names=["a", "b"])
+    >>> preprocess(np.array([[0, 255], [255, 0]], np.uint8), spec).tolist()
+    [[[[-1.0, 1.0], [1.0, -1.0]]]]
+    """
+    return _Preprocessor(spec)(image)
+
+
+# ------------------------------------------------------------------------------------------ the server
+
+
+@dataclass(frozen=True, slots=True)
+class Inference:
+    """The result of :meth:`ModelServer.infer`.
+
+    ``latency_ms`` is the model's execution alone (preprocessing excluded), comparable to the latency the
+    manifest records; ``macs`` is the variant's multiply-accumulates per inference.
+    """
+
+    logits: np.ndarray
+    label: int
+    variant: str
+    latency_ms: float
+    macs: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Slot:
+    name: str
+    model: LoadedModel
+    macs: int
+    size_bytes: int
+
+
+class ModelServer:
+    """The variants of one verified bundle, loaded in one backend, one of them active.
+
+    ``manifest`` must come from :func:`agent.bundle.open_bundle` on ``bundle``: files are loaded
+    without further checks. A variant is *available* when it ships a file for ``backend.name``.
+
+    The active variant (initially the first available one, ``dense`` by convention) is loaded at once;
+    ``preload`` names the other variants to load up front (``None``: all available ones; names without a
+    file for this runtime are skipped with a warning, unknown names raise). With ``memory_cap_mb``, at
+    most that many megabytes (10**6 bytes) of model files (estimated by their size) stay loaded: variants
+    load when needed and the least recently used ones are evicted, never the active one, which is always
+    loaded (so while switching, the old and the new active both are).
+
+    Thread-safe: :meth:`switch` may run in any thread while others call :meth:`infer`. An inference
+    runs entirely on the variant that was active when it started; a variant evicted meanwhile is freed
+    when its last inference ends.
+
+    >>> server = ModelServer(bundle, open_bundle(bundle, public_key=key), OnnxBackend())  # doctest: +SKIP
+    >>> server.available, server.active  # doctest: +SKIP
+    (('dense', 'static-50'), 'dense')
+    >>> server.switch("static-50"); server.infer(image).variant  # doctest: +SKIP
+    'static-50'
+    """
+
+    def __init__(
+        self,
+        bundle: Path,
+        manifest: BundleManifest,
+        backend: Backend,
+        *,
+        preload: Sequence[str] | None = None,
+        memory_cap_mb: float | None = None,
+    ) -> None:
+        if memory_cap_mb is not None and not memory_cap_mb > 0:
+            raise BackendError(f"memory_cap_mb must be > 0, got {memory_cap_mb}")
+        self._bundle = bundle
+        self._manifest = manifest
+        self._backend = backend
+        self._cap_bytes = None if memory_cap_mb is None else memory_cap_mb * _MB
+        self._prep = _Preprocessor(manifest.input)
+        self._out_shape = (1, len(manifest.input.class_names))
+        self._files: dict[str, tuple[Path, int]] = {}
+        for variant in manifest.variants:
+            f = variant.file_for(backend.name)
+            if f is not None:
+                self._files[variant.name] = (bundle / f.path, f.size_bytes)
+        if not self._files:
+            raise BackendError(
+                f"bundle {manifest.model_id} {manifest.bundle_version} has no variant for runtime "
+                f"{backend.name}",
+                hint=f"runtimes it ships: {sorted({f.runtime for v in manifest.variants for f in v.files})}",
+            )
+        # Guards _slots and _current; held only for bookkeeping, never while a model loads or runs.
+        self._lock = threading.Lock()
+        # Serialises loads and switches, so two switches never load the same file twice.
+        self._switch_lock = threading.Lock()
+        self._slots: OrderedDict[str, _Slot] = OrderedDict()  # least recently used first
+        wanted = list(self._files) if preload is None else list(preload)
+        for name in wanted:
+            if name not in self._files:
+                if name not in {v.name for v in manifest.variants}:
+                    self._check_available(name)  # raises, naming the variants that exist
+                log.warning("not preloading %s: it has no %s file", name, backend.name)
+        first = next(iter(self._files))
+        self._current = self._load(first)
+        self._slots[first] = self._current
+        for name in wanted:
+            if name == first or name not in self._files or name in self._slots:
+                continue
+            size = self._files[name][1]
+            if self._cap_bytes is not None and self._loaded_bytes() + size > self._cap_bytes:
+                log.info("not preloading %s: it would exceed the %.3f MB memory cap", name, memory_cap_mb)
+                continue
+            slot = self._load(name)
+            with self._lock:
+                self._slots[name] = slot
+                self._slots.move_to_end(first)  # the active stays the most recently used
+        log.info("serving %s with %s; loaded %s", self.available, backend.name, self.loaded)
+
+    @property
+    def available(self) -> tuple[str, ...]:
+        """Variants that ship a file for this backend's runtime, in manifest order."""
+        return tuple(self._files)
+
+    @property
+    def loaded(self) -> tuple[str, ...]:
+        """Variants loaded now, in manifest order."""
+        with self._lock:
+            return tuple(name for name in self._files if name in self._slots)
+
+    @property
+    def active(self) -> str:
+        """The variant new inferences run on."""
+        return self._current.name
+
+    def switch(self, name: str) -> None:
+        """Make ``name`` the active variant, loading it first if needed.
+
+        Raises :class:`BackendError` for an unknown variant, one without a file for this runtime, or a
+        file that fails to load; the previous variant then stays active. Inferences already running
+        finish on the variant they started on.
+        """
+        self._check_available(name)
+        with self._switch_lock:
+            slot = self._acquire(name)
+            with self._lock:
+                previous = self._current.name
+                self._current = slot
+                self._slots[name] = slot
+                self._slots.move_to_end(name)
+                self._evict()
+        if previous != name:
+            log.info("switched from %s to %s", previous, name)
+
+    def infer(self, x: np.ndarray, *, variant: str | None = None) -> Inference:
+        """Preprocess ``x`` (see :func:`preprocess`) and run it on the active variant.
+
+        ``variant`` runs it on that variant instead, without switching (a shadow run to compare
+        variants); it is loaded if needed and, under a memory cap, may be evicted again right after.
+
+        >>> server.infer(np.zeros((28, 28), np.uint8)).label  # doctest: +SKIP
+        3
+        """
+        if variant is None:
+            with self._lock:
+                slot = self._current
+        else:
+            slot = self._slot_for(variant)
+        data = self._prep(x)
+        start = time.perf_counter()
+        logits = slot.model.run(data)
+        latency_ms = _ms_since(start)
+        return Inference(
+            logits=logits,
+            label=int(logits.argmax()),
+            variant=slot.name,
+            latency_ms=latency_ms,
+            macs=slot.macs,
+        )
+
+    def _slot_for(self, name: str) -> _Slot:
+        """``name``'s slot, loaded if needed, without making it active."""
+        self._check_available(name)
+        with self._lock:
+            slot = self._slots.get(name)
+            if slot is not None:
+                self._slots.move_to_end(name)
+                return slot
+        with self._switch_lock:
+            slot = self._acquire(name)
+            with self._lock:
+                self._slots[name] = slot
+                self._slots.move_to_end(name)
+                self._evict()
+        return slot
+
+    def _acquire(self, name: str) -> _Slot:
+        """``name``'s slot, loading it (outside ``_lock``: inferences go on meanwhile) if not loaded.
+
+        Call with ``_switch_lock`` held. Makes room under the cap first, so at most the active and the
+        new variant are over it."""
+        with self._lock:
+            slot = self._slots.get(name)
+            if slot is not None:
+                return slot
+            self._evict(reserve=self._files[name][1])
+        return self._load(name)
+
+    def _check_available(self, name: str) -> None:
+        if name in self._files:
+            return
+        names = [v.name for v in self._manifest.variants]
+        if name not in names:
+            raise BackendError(f"no variant {name!r}; the bundle has {names}")
+        raise BackendError(
+            f"variant {name!r} has no {self._backend.name} file; available: {list(self._files)}",
+            hint="use a backend for a runtime the variant ships",
+        )
+
+    def _loaded_bytes(self) -> int:
+        return sum(slot.size_bytes for slot in self._slots.values())
+
+    def _evict(self, *, reserve: int = 0) -> None:
+        """Drop least recently used variants (never the active) until the loaded files plus ``reserve``
+        bytes fit the memory cap. Call with ``_lock`` held."""
+        if self._cap_bytes is None:
+            return
+        for name in list(self._slots):
+            if self._loaded_bytes() + reserve <= self._cap_bytes:
+                return
+            if name != self._current.name:
+                del self._slots[name]
+                log.info("evicted %s to stay under the memory cap", name)
+
+    def _load(self, name: str) -> _Slot:
+        """Load ``name`` and check it once on zeros: runs, and gives logits of the right shape."""
+        path, size = self._files[name]
+        started = time.perf_counter()
+        model = self._backend.load(path)
+        try:
+            out = model.run(np.zeros(self._manifest.input.shape, self._prep.dtype))
+        except Exception as exc:
+            raise BackendError(f"{path} loaded but fails to run in {self._backend.name}: {exc}") from exc
+        if out.shape != self._out_shape:
+            raise BackendError(
+                f"{path} returns shape {out.shape}; the manifest's {self._out_shape[1]} classes need "
+                f"{self._out_shape}"
+            )
+        log.info("loaded %s (%s, %.1f kB) in %.0f ms", name, path.name, size / 1e3, _ms_since(started))
+        return _Slot(name=name, model=model, macs=self._manifest.variant(name).macs, size_bytes=size)
+
+    def __repr__(self) -> str:
+        return f"ModelServer({self._bundle}, backend={self._backend!r}, active={self.active!r})"
+
+
+def _ms_since(start: float) -> float:
+    return (time.perf_counter() - start) * 1000.0
