@@ -208,12 +208,55 @@ class Agent:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    # ---- bundles ---------------------------------------------------------------------------------
+
+    def load_bundle(self, bundle: Path) -> BundleManifest:
+        """Verify ``bundle`` and every variant in it, then serve it; on any failure keep serving the old one.
+
+        Everything that can fail (files, hashes, signature, loading each model, building the policy)
+        happens before the swap; the swap itself is one reference assignment, so an inference in flight
+        finishes on the old bundle and the next one starts on the new.
+        """
+        current = f"{self.manifest.model_id} {self.manifest.bundle_version}"
+        try:
+            manifest = open_bundle(bundle, public_key=self._public_key)
+            server = ModelServer(bundle, manifest, self._backend, memory_cap_mb=self.config.memory_cap_mb)
+            policy = Policy(manifest, self.policy.config, runtime=self._backend.name)
+        except UserError as exc:
+            self._event(
+                "error",
+                f"bundle {bundle} refused ({type(exc).__name__}: {exc}); still serving {current}",
+                severity="error",
+            )
+            raise
+        with self._lock:
+            self.server, self.manifest, self.policy = server, manifest, policy
+        self._event(
+            "bundle_loaded",
+            f"now serving {manifest.model_id} {manifest.bundle_version} (was {current})",
+            data={"model_id": manifest.model_id, "bundle_version": manifest.bundle_version},
+        )
+        self._send(
+            "birth",
+            Birth(
+                **self._env(),
+                profile=self.config.profile,
+                agent_version=__version__,
+                backend=self._backend.name,
+                bundle=self._bundle_ref(),
+                variants=self.server.available,
+            ),
+        )
+        self._tick_policy(time.monotonic(), force=True)
+        return manifest
+
     # ---- inference -------------------------------------------------------------------------------
 
     def infer(self, x: np.ndarray) -> Inference:
         """Run one input on the variant the policy chose; optionally shadow-run dense to measure agreement."""
+        server = self.server  # one bundle for this whole inference, even if load_bundle swaps it now
         try:
-            result = self.server.infer(x)
+            result = server.infer(x)
         except Exception:
             with self._lock:
                 self._window.errors += 1
@@ -224,7 +267,7 @@ class Agent:
             and result.variant != self._dense
             and self._random.random() < self.config.shadow_rate
         ):
-            shadow = self.server.infer(x, variant=self._dense)
+            shadow = server.infer(x, variant=self._dense)
         with self._lock:
             self._window.latencies.append(result.latency_ms)
             self._window.macs += result.macs

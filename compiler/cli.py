@@ -87,7 +87,7 @@ def add_compile_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore
     )
     p.add_argument("--model-id", default="fmnist-resnet")
     p.add_argument("--bundle-version", default="1.0.0")
-    p.add_argument("--latency-runs", type=int, default=300)
+    p.add_argument("--latency-runs", type=int, default=600)
     p.add_argument(
         "--threads", type=int, default=1, help="runtime threads for latency measurement (default 1)"
     )

@@ -46,7 +46,7 @@ def latency_side_by_side(
     *,
     runs: int = 200,
     threads: int = 1,
-    rounds: int = 3,
+    rounds: int = 5,
 ) -> dict[str, dict[Runtime, Latency]]:
     """Time every (variant, runtime) in one process, interleaved over ``rounds`` so drift hits all alike.
 
@@ -58,7 +58,7 @@ def latency_side_by_side(
     samples: dict[tuple[str, Runtime], list[float]] = {k: [] for k in runners}
     per_round = max(1, runs // rounds)
     for run in runners.values():
-        for _ in range(10):
+        for _ in range(50):
             run(x)
     for _ in range(rounds):
         for key, run in runners.items():

@@ -75,7 +75,7 @@ class CompileOptions:
     model_id: str = "fmnist-resnet"
     bundle_version: str = "1.0.0"
     runtimes: tuple[Runtime, ...] = ("onnx", "executorch")
-    latency_runs: int = 300
+    latency_runs: int = 600
     threads: int = 1
     calibration_samples: int = 256
     validation_samples: int = 2000
@@ -290,7 +290,6 @@ def compile_bundle(opts: CompileOptions) -> CompileResult:
     """Run the whole compile; see the module docstring."""
     _validate(opts)
     torch.manual_seed(opts.train.seed)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     clock = _Clock()
     with clock.stage("data", f"loading data: {opts.data}"):
         splits = load_splits(opts.data)
@@ -316,9 +315,15 @@ def compile_bundle(opts: CompileOptions) -> CompileResult:
         with clock.stage(
             "latency", f"measuring batch-1 latency side by side ({opts.latency_runs} runs each)"
         ):
-            lat = latency_side_by_side(
-                files, splits.test.x[:1].numpy().copy(), runs=opts.latency_runs, threads=opts.threads
-            )
+            # torch's own worker threads would compete with the runtimes' for the same cores
+            torch_threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                lat = latency_side_by_side(
+                    files, splits.test.x[:1].numpy().copy(), runs=opts.latency_runs, threads=opts.threads
+                )
+            finally:
+                torch.set_num_threads(torch_threads)
         with clock.stage("bundle", "writing, signing and checking the bundle"):
             manifest = _write_bundle(
                 opts=opts, splits=splits, built=built, files=files, lat=lat, tmp=tmp, clock=clock

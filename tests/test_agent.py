@@ -368,3 +368,59 @@ def test_cli_run_and_sigterm(bundle, signing_keys, broker, tmp_path, npz_data) -
     assert "served 100 input(s)" in out and "stopped cleanly" in out
     c.wait(lambda m: isinstance(m, Status) and m.state == "offline")
     c.close()
+
+
+def test_tampered_new_bundle_is_refused_and_the_old_one_keeps_serving(
+    bundle,
+    signing_keys,
+    broker,  # type: ignore[no-untyped-def]
+    tmp_path,
+) -> None:
+    c = Collector(broker, "t-reload", "fleet-reload")
+    agent = Agent(
+        make_config(bundle, signing_keys, broker.url, tmp_path / "state", "t-reload"),
+        sensors=StaticSensors(Readings()),
+    )
+    agent.start()
+    try:
+        bad = tmp_path / "bad"
+        shutil.copytree(bundle, bad)
+        (bad / "static-50.pte").write_bytes(b"truncated")
+        with pytest.raises(BundleError):
+            agent.load_bundle(bad)
+        refused = c.wait(lambda m: isinstance(m, Event) and m.event == "error" and "refused" in m.message)
+        assert "still serving" in refused.message  # type: ignore[union-attr]
+        assert agent.infer(IMAGE).variant == "dense"  # the old bundle serves on
+
+        good = tmp_path / "good"
+        shutil.copytree(bundle, good)
+        manifest = agent.load_bundle(good)
+        assert agent.infer(IMAGE).variant in manifest.variant("dense").name
+        c.wait(lambda m: isinstance(m, Event) and m.event == "bundle_loaded")
+    finally:
+        agent.stop()
+        c.close()
+
+
+def test_shadow_runs_report_agreement_with_dense(bundle, signing_keys, broker, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    c = Collector(broker, "t-shadow", "fleet-shadow")
+    config = make_config(
+        bundle,
+        signing_keys,
+        broker.url,
+        tmp_path,
+        "t-shadow",
+        shadow_rate=1.0,
+        policy=PolicyConfig(min_dwell_s=0.0, pinned_variant="static-50"),
+    )
+    agent = Agent(config, sensors=StaticSensors(Readings()))
+    agent.start()
+    try:
+        rng = np.random.default_rng(1)
+        for _ in range(30):
+            assert agent.infer(rng.integers(0, 255, (28, 28), dtype=np.uint8)).variant == "static-50"
+        m = c.wait(lambda m: isinstance(m, Metrics) and m.shadow_runs > 0)
+        assert isinstance(m, Metrics) and m.agreement is not None and 0.0 <= m.agreement <= 1.0
+    finally:
+        agent.stop()
+        c.close()
