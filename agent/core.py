@@ -161,17 +161,7 @@ class Agent:
     def start(self) -> None:
         """Queue the birth, connect in the background (retrying with backoff), start the loop."""
         self._tick_policy(time.monotonic(), force=True)
-        self._send(
-            "birth",
-            Birth(
-                **self._env(),
-                profile=self.config.profile,
-                agent_version=__version__,
-                backend=self._backend.name,
-                bundle=self._bundle_ref(),
-                variants=self.server.available,
-            ),
-        )
+        self._send_birth()
         self._send_status("online")
         self._event(
             "started",
@@ -236,17 +226,7 @@ class Agent:
             f"now serving {manifest.model_id} {manifest.bundle_version} (was {current})",
             data={"model_id": manifest.model_id, "bundle_version": manifest.bundle_version},
         )
-        self._send(
-            "birth",
-            Birth(
-                **self._env(),
-                profile=self.config.profile,
-                agent_version=__version__,
-                backend=self._backend.name,
-                bundle=self._bundle_ref(),
-                variants=self.server.available,
-            ),
-        )
+        self._send_birth()
         self._tick_policy(time.monotonic(), force=True)
         return manifest
 
@@ -391,7 +371,8 @@ class Agent:
     def _apply_desired(self, desired: DesiredState, *, persist: bool = True) -> None:
         if desired.revision <= self._desired_revision:
             return
-        policy = PolicyConfig().with_overrides(
+        # Fleet overrides apply on top of this device's own configuration, not on the library defaults.
+        policy = self.config.policy.with_overrides(
             {**desired.policy_overrides, "pinned_variant": desired.pinned_variant}
         )
         if desired.pinned_variant is not None and desired.pinned_variant not in self.server.available:
@@ -450,6 +431,20 @@ class Agent:
 
     def _env(self) -> dict[str, Any]:
         return envelope(device_id=self.config.device_id, seq=self.outbox.next_seq())
+
+    def _send_birth(self) -> None:
+        """Who this device is and what it serves; retained, sent at start and after a bundle change."""
+        self._send(
+            "birth",
+            Birth(
+                **self._env(),
+                profile=self.config.profile,
+                agent_version=__version__,
+                backend=self._backend.name,
+                bundle=self._bundle_ref(),
+                variants=self.server.available,
+            ),
+        )
 
     def _bundle_ref(self) -> BundleRef:
         return BundleRef(model_id=self.manifest.model_id, bundle_version=self.manifest.bundle_version)

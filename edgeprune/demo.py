@@ -1,17 +1,19 @@
-"""``edgeprune demo`` -- today: compile a real bundle, then run devices that serve it and report over MQTT.
+"""``edgeprune demo`` -- today: compile a real bundle, then real agents serve it and adapt to their batteries.
 
 What runs: the reference bundle is compiled (or reused from ``out/demo/bundle``; the dense checkpoint is
-cached, so only the first run trains); a private Mosquitto starts on a free port; N device clients
-connect with MQTT v5 and a last will, each serving one variant of the bundle with onnxruntime on
-Fashion-MNIST test images and publishing a retained birth, an online status and a metrics window with
-the real latency percentiles, accuracy and this machine's CPU and memory readings; one device sends a
-malformed payload and one drops off with its will; a fleet-side collector validates every message against
-the contract. The adaptive agent, the fleet manager and rollouts replace the hand-rolled parts as issues
-#4-#8 land; the output says so.
+cached, so only the first run trains); a private Mosquitto starts on a free port; N real agents
+(:class:`agent.core.Agent`, onnxruntime backend) serve Fashion-MNIST test images from the bundle while
+their simulated batteries drain, so the policy steps each one down the ladder of variants, with a reason,
+and every message goes through each agent's on-disk outbox to the broker; a fleet-side collector
+validates every message against the contract (a malformed payload is rejected, not fatal). Gating, the
+fleet manager, rollouts and the energy model of the simulator arrive with issues #4 and #6-#8; the output
+says so.
 """
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import threading
 import time
 from collections import Counter
@@ -20,32 +22,25 @@ from pathlib import Path
 
 import numpy as np
 import paho.mqtt.client as mqtt
-import psutil
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.reasoncodes import ReasonCode
 
-from agent import __version__
 from agent.contract import (
     CHANNELS,
-    Birth,
-    BundleManifest,
-    BundleRef,
-    Channel,
     ContractError,
+    Event,
     Message,
-    Metrics,
-    Percentiles,
     Readings,
     Status,
     device_topic,
-    envelope,
     parse_message,
     parse_topic,
     subscription,
 )
-from agent.data import fashion_mnist_dir, load_fashion_mnist
+from agent.core import Agent, AgentConfig
+from agent.data import ImageDataset, fashion_mnist_dir, load_fashion_mnist
 from agent.errors import InternalError, UserError
 from agent.mqtt import make_client
+from agent.policy import PolicyConfig
+from agent.sensors import StaticSensors
 from fleet.broker import MosquittoBroker
 
 __all__ = ["Collector", "run_demo"]
@@ -58,6 +53,7 @@ class Collector:
     accepted: Counter[str] = field(default_factory=Counter)
     rejected: list[str] = field(default_factory=list)
     latest: dict[tuple[str, str], Message] = field(default_factory=dict)
+    events: list[Event] = field(default_factory=list)
     seen_ids: set[str] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
     changed: threading.Condition = field(init=False)
@@ -81,21 +77,13 @@ class Collector:
                 self.seen_ids.add(message.message_id)
                 self.accepted[message.kind] += 1
                 self.latest[(message.device_id, message.kind)] = message
+                if isinstance(message, Event):
+                    self.events.append(message)
             self.changed.notify_all()
 
     def wait_for(self, predicate: object, timeout_s: float) -> bool:
         with self.changed:
             return self.changed.wait_for(predicate, timeout=timeout_s)  # type: ignore[arg-type]
-
-
-def _readings() -> Readings:
-    battery = psutil.sensors_battery() if hasattr(psutil, "sensors_battery") else None
-    return Readings(
-        battery_pct=None if battery is None else battery.percent,
-        charging=None if battery is None else battery.power_plugged,
-        cpu_load_pct=psutil.cpu_percent(interval=None),
-        free_memory_mb=psutil.virtual_memory().available / 2**20,
-    )
 
 
 def _step(text: str) -> None:
@@ -114,115 +102,6 @@ def _start_collector(broker: MosquittoBroker, fleet: str, timeout_s: float) -> t
     if not subscribed.wait(timeout_s):
         raise InternalError("the collector's subscription was not acknowledged")
     return collector, client
-
-
-@dataclass(frozen=True)
-class _Served:
-    """What one simulated device measured serving its variant."""
-
-    variant: str
-    inferences: int
-    accuracy: float
-    p50_ms: float
-    p90_ms: float
-    p99_ms: float
-    macs: int
-
-
-def _serve(
-    bundle: Path, manifest: BundleManifest, variant: str, images: np.ndarray, labels: np.ndarray
-) -> _Served:
-    """Run ``variant``'s ONNX file on each image at batch 1, as a device would."""
-    import onnxruntime as ort
-
-    v = manifest.variant(variant)
-    file = v.file_for("onnx")
-    if file is None:
-        raise InternalError(f"variant {variant} has no ONNX file")
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    session = ort.InferenceSession(str(bundle / file.path), opts, providers=["CPUExecutionProvider"])
-    norm = manifest.input.normalization
-    x = ((images.astype(np.float32) / norm.scale - norm.mean[0]) / norm.std[0])[:, None]
-    times, correct = [], 0
-    for i in range(len(x)):
-        start = time.perf_counter()
-        logits = session.run(None, {manifest.input.name: x[i : i + 1]})[0]
-        times.append((time.perf_counter() - start) * 1e3)
-        correct += int(logits.argmax() == labels[i])
-    p50, p90, p99 = (float(v) for v in np.percentile(times, [50, 90, 99]))
-    return _Served(variant, len(x), correct / len(x), p50, p90, p99, v.macs)
-
-
-def _connect_device(
-    broker: MosquittoBroker,
-    fleet: str,
-    device: str,
-    timeout_s: float,
-    *,
-    manifest: BundleManifest,
-    served: _Served,
-) -> mqtt.Client:
-    """A device client: last will first, then a retained birth, an online status and one metrics window."""
-    client = make_client(device)
-    will = Status(**envelope(device_id=device, seq=0), state="offline", uptime_s=0)
-    client.will_set(device_topic(fleet, device, "status"), will.to_json(), qos=1, retain=True)
-    client.connect(broker.host, broker.port)
-    client.loop_start()
-    ref = BundleRef(model_id=manifest.model_id, bundle_version=manifest.bundle_version)
-    birth = Birth(
-        **envelope(device_id=device, seq=1),
-        profile="host",
-        agent_version=__version__,
-        backend="onnx",
-        bundle=ref,
-        variants=tuple(v.name for v in manifest.variants),
-    )
-    metrics = Metrics(
-        **envelope(device_id=device, seq=3),
-        window_s=1.0,
-        inferences=served.inferences,
-        latency=Percentiles(p50_ms=served.p50_ms, p90_ms=served.p90_ms, p99_ms=served.p99_ms),
-        mean_macs=float(served.macs),
-        mean_density=1.0,
-        active_variant=served.variant,
-        readings=_readings(),
-    )
-    messages: list[tuple[Channel, Message]] = [
-        ("birth", birth),
-        (
-            "status",
-            Status(
-                **envelope(device_id=device, seq=2),
-                state="online",
-                uptime_s=0.1,
-                active_variant=served.variant,
-            ),
-        ),
-        ("metrics", metrics),
-    ]
-    for channel, message in messages:
-        spec = CHANNELS[channel]
-        client.publish(
-            device_topic(fleet, device, channel), message.to_json(), qos=spec.qos, retain=spec.retained
-        ).wait_for_publish(timeout_s)
-    return client
-
-
-def _print_summary(collector: Collector) -> None:
-    print(f"    {'device':<9} {'variant':<11} {'status':<8} {'inferences':>10} {'p50 ms':>8} {'MACs':>8}")
-    devices = sorted({device for device, _ in collector.latest})
-    for device in devices:
-        status = collector.latest.get((device, "status"))
-        metrics = collector.latest.get((device, "metrics"))
-        state = status.state if isinstance(status, Status) else "-"
-        if isinstance(metrics, Metrics) and metrics.latency is not None:
-            print(
-                f"    {device:<9} {metrics.active_variant or '-':<11} {state:<8} {metrics.inferences:>10} "
-                f"{metrics.latency.p50_ms:>8.3f} {(metrics.mean_macs or 0) / 1e6:>7.2f}M"
-            )
-    print(f"    accepted: {dict(sorted(collector.accepted.items()))}")
-    print(f"    rejected: {len(collector.rejected)} -> {collector.rejected[0][:150]}")
 
 
 def _ensure_bundle(
@@ -264,6 +143,109 @@ def _ensure_bundle(
     return bundle, public
 
 
+@dataclass
+class _Device:
+    """One simulated device: a real agent, a fake battery, and what it served."""
+
+    name: str
+    agent: Agent
+    sensors: StaticSensors
+    battery: float
+    drain: float
+    served: int = 0
+    correct: int = 0
+    macs: int = 0
+
+
+def _make_devices(
+    *, n: int, bundle: Path, public: Path, broker: MosquittoBroker, fleet: str, state: Path, steps: int
+) -> list[_Device]:
+    devices = []
+    for i in range(n):
+        # Batteries start spread between 100% and 30% and lose 60 points over the run, so each device
+        # crosses the policy's low (20%) and critical (10%) thresholds at a different moment.
+        start = 100.0 - 70.0 * i / max(n - 1, 1)
+        sensors = StaticSensors(Readings(battery_pct=start, charging=False))
+        config = AgentConfig(
+            bundle=bundle,
+            public_key=public,
+            broker_url=broker.url,
+            device_id=f"dev-{i:03d}",
+            state_dir=state / f"dev-{i:03d}",
+            fleet=fleet,
+            profile="demo",
+            metrics_period_s=1.0,
+            heartbeat_period_s=2.0,
+            decide_period_s=0.1,
+            policy=PolicyConfig(min_dwell_s=0.5),
+        )
+        devices.append(_Device(f"dev-{i:03d}", Agent(config, sensors=sensors), sensors, start, 60.0 / steps))
+    return devices
+
+
+def _print_summary(collector: Collector, devices: list[_Device], dense_macs: int) -> None:
+    print(f"    {'device':<9}{'battery':>9}{'served':>8}{'accuracy':>10}{'compute':>9}  variants (why)")
+    for d in devices:
+        switches = [e for e in collector.events if e.device_id == d.name and e.event == "variant_switch"]
+        path = (
+            " -> ".join(
+                [str(switches[0].data["from_variant"])] + [str(e.data["to_variant"]) for e in switches]
+            )
+            if switches
+            else d.agent.server.active
+        )
+        compute = d.macs / max(d.served * dense_macs, 1)
+        accuracy = d.correct / max(d.served, 1)
+        print(f"    {d.name:<9}{d.battery:>8.0f}%{d.served:>8}{accuracy:>10.3f}{compute:>8.0%}  {path}")
+        for e in switches:
+            print(f"    {'':<9}{'':>9}{'':>8}{'':>10}{'':>9}    - {e.message}")
+    print(f"    compute = mean MACs per inference relative to always-dense ({dense_macs / 1e6:.2f}M MACs)")
+    print(f"    collector accepted: {dict(sorted(collector.accepted.items()))}")
+    print(f"    collector rejected: {len(collector.rejected)} -> {collector.rejected[0][:140]}")
+
+
+def _send_malformed(broker: MosquittoBroker, fleet: str, device: str, timeout_s: float) -> mqtt.Client:
+    rogue = make_client(f"{fleet}-rogue")
+    rogue.connect(broker.host, broker.port)
+    rogue.loop_start()
+    payload = b'{"kind": "metrics", "inferences": -1}'
+    rogue.publish(device_topic(fleet, device, "metrics"), payload, qos=1).wait_for_publish(timeout_s)
+    return rogue
+
+
+def _wait_offline(collector: Collector, names: list[str], timeout_s: float) -> None:
+    def done() -> bool:
+        states = [collector.latest.get((name, "status")) for name in names]
+        offline = sum(1 for m in states if isinstance(m, Status) and m.state == "offline")
+        return offline == len(names) and len(collector.rejected) >= 1
+
+    if not collector.wait_for(done, timeout_s):
+        raise InternalError(
+            f"the collector did not see every device stop within {timeout_s}s: "
+            f"{dict(collector.accepted)}, {len(collector.rejected)} rejected"
+        )
+
+
+def _drive(devices: list[_Device], test: ImageDataset, *, steps: int, batch: int) -> None:
+    """Serve ``steps`` rounds of ``batch`` test images per device; each round drains the batteries."""
+    cursor = 0
+    for step in range(steps):
+        for d in devices:
+            for _ in range(batch):
+                i = cursor % len(test)
+                cursor += 1
+                result = d.agent.infer(test.images[i])
+                d.served += 1
+                d.correct += int(result.label == test.labels[i])
+                d.macs += result.macs
+            d.battery = max(1.0, d.battery - d.drain)
+            d.sensors.readings = Readings(battery_pct=d.battery, charging=False)
+        time.sleep(0.15)  # let each agent's loop read its sensors and decide
+        if step % 10 == 9:
+            state = ", ".join(f"{d.name} {d.battery:.0f}% {d.agent.server.active}" for d in devices)
+            print(f"    step {step + 1}/{steps}: {state}", flush=True)
+
+
 def run_demo(
     *,
     data_root: Path | None,
@@ -273,7 +255,8 @@ def run_demo(
     model: str = "reference",
     epochs: float | None = None,
     timeout_s: float = 20.0,
-    samples: int = 200,
+    steps: int = 40,
+    batch: int = 10,
 ) -> None:
     """Run the demo; a missing part raises a :class:`~agent.errors.UserError` subclass."""
     from agent.bundle import open_bundle
@@ -283,9 +266,9 @@ def run_demo(
         raise UserError(f"--devices must be at least 1, got {devices}")
     started = time.monotonic()
     print(
-        "edgeprune demo -- what works today: compile a signed bundle of pruned variants, serve it on\n"
-        "simulated devices, report over MQTT. The adaptive agent, gating, fleet manager and rollouts are\n"
-        "issues #4-#8 and not part of this run yet.\n"
+        "edgeprune demo -- what works today: compile a signed bundle of pruned variants, then real agents\n"
+        "serve it and step down as their batteries drain, reporting over MQTT. Gating, the fleet manager,\n"
+        "rollouts and the simulator's energy model are issues #4 and #6-#8, not part of this run yet.\n"
     )
 
     _step(f"loading Fashion-MNIST from {fashion_mnist_dir(data_root)}")
@@ -299,71 +282,56 @@ def run_demo(
     _step(f"compiling the {model} bundle into {out / 'bundle'}")
     bundle, public = _ensure_bundle(out=out, data_root=data_root, model=model, epochs=epochs)
     manifest = open_bundle(bundle, public_key=load_public_key(public))
+    dense_macs = max(v.macs for v in manifest.variants)
     print(
-        f"    {manifest.model_id} {manifest.bundle_version}: {', '.join(v.name for v in manifest.variants)} "
-        f"(signature verified)"
+        f"    {manifest.model_id} {manifest.bundle_version}: "
+        + ", ".join(
+            f"{v.name} ({v.macs / 1e6:.1f}M MACs, {100 * (v.accuracy or 0):.1f}%)" for v in manifest.variants
+        )
+        + "; signature verified"
     )
 
     _step("starting a private Mosquitto broker")
-    clients: list[mqtt.Client] = []
+    state = out / "state"
+    shutil.rmtree(state, ignore_errors=True)  # a fresh fleet each run; the bundle is what is reused
     with MosquittoBroker() as broker:
         print(f"    {broker.url} (pid {broker.pid})")
+        clients: list[mqtt.Client] = []
+        fleet_devices: list[_Device] = []
         try:
             collector, fleet_client = _start_collector(broker, fleet, timeout_s)
             clients.append(fleet_client)
             _step(
-                f"{devices} simulated device(s): each serves one variant on {samples} test images with "
-                "onnxruntime, then reports over MQTT v5 (retained birth, last will)"
+                f"starting {devices} agent(s); batteries drain as each serves {steps} x {batch} test images"
             )
-            psutil.cpu_percent(interval=None)  # prime the CPU counter so the first reading means something
-            names = [f"dev-{i:03d}" for i in range(devices)]
-            n = min(samples, len(test))
-            for i, name in enumerate(names):
-                variant = manifest.variants[i % len(manifest.variants)].name
-                served = _serve(bundle, manifest, variant, test.images[:n], test.labels[:n])
-                clients.append(
-                    _connect_device(broker, fleet, name, timeout_s, manifest=manifest, served=served)
-                )
-                print(
-                    f"    {name}: {variant}, accuracy {served.accuracy:.3f} on {n} images, "
-                    f"p50 {served.p50_ms:.3f} ms"
-                )
+            fleet_devices = _make_devices(
+                n=devices, bundle=bundle, public=public, broker=broker, fleet=fleet, state=state, steps=steps
+            )
+            for d in fleet_devices:
+                d.agent.start()
+            _drive(fleet_devices, test, steps=steps, batch=batch)
 
             _step("sending one malformed payload; the collector must reject it, not crash")
-            clients[1].publish(
-                device_topic(fleet, names[0], "metrics"), b'{"kind": "metrics", "inferences": -1}', qos=1
-            ).wait_for_publish(timeout_s)
+            clients.append(_send_malformed(broker, fleet, fleet_devices[0].name, timeout_s))
 
-            _step(f"dropping {names[-1]} without a clean goodbye; the broker must publish its last will")
-            # MQTT v5 reason 0x04: disconnect, but have the broker send the will, as on a lost link.
-            clients[-1].disconnect(
-                reasoncode=ReasonCode(PacketTypes.DISCONNECT, "Disconnect with will message")
-            )
+            _step("stopping the agents cleanly: last metrics, offline status, outboxes flushed")
+            for d in fleet_devices:
+                d.agent.stop()
 
-            def done() -> bool:
-                last = collector.latest.get((names[-1], "status"))
-                return (
-                    collector.accepted["metrics"] >= devices
-                    and len(collector.rejected) >= 1
-                    and isinstance(last, Status)
-                    and last.state == "offline"
-                )
-
-            if not collector.wait_for(done, timeout_s):
-                raise InternalError(
-                    f"the collector did not see every message within {timeout_s}s: "
-                    f"{dict(collector.accepted)}, {len(collector.rejected)} rejected"
-                )
+            _wait_offline(collector, [d.name for d in fleet_devices], timeout_s)
+        except BaseException:
+            for d in fleet_devices:
+                with contextlib.suppress(Exception):
+                    d.agent.stop(flush_timeout_s=0.5)
+            raise
         finally:
             for client in clients:
                 client.disconnect()
                 client.loop_stop()
 
     _step("summary")
-    _print_summary(collector)
+    _print_summary(collector, fleet_devices, dense_macs)
     report = bundle / "report"
     print(f"\nbundle report: {report / 'report.md'}  (Pareto plot: {report / 'pareto.png'})")
-    print(
-        f"done in {time.monotonic() - started:.1f}s. Docs: docs/compiler.md, docs/protocol.md, "
-        "docs/architecture.md"
-    )
+    docs = "docs/compiler.md, docs/agent.md, docs/protocol.md, docs/architecture.md"
+    print(f"done in {time.monotonic() - started:.1f}s. Docs: {docs}")
