@@ -14,11 +14,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 from torch import nn
 
 from agent.contract import Runtime
+from agent.runtime import BackendError, make_backend
 from compiler.errors import ExportError, VerificationError
 
 __all__ = ["EXPORTERS", "export_onnx", "export_pte", "load_runner", "verify"]
@@ -77,22 +77,12 @@ EXPORTERS: dict[Runtime, tuple[str, Callable[[nn.Module, torch.Tensor, Path], No
 
 
 def load_runner(path: Path, runtime: Runtime, *, threads: int = 1) -> Runner:
-    """A function ``x -> logits`` running ``path`` in ``runtime`` at batch 1."""
-    if runtime == "onnx":
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        name = session.get_inputs()[0].name
-        return lambda x: session.run(None, {name: x})[0]
-    from executorch.runtime import Runtime as EtRuntime
+    """A function ``x -> logits`` running ``path`` in ``runtime`` at batch 1.
 
-    method = EtRuntime.get().load_program(path).load_method("forward")
-
-    def run(x: np.ndarray) -> np.ndarray:
-        return method.execute([torch.from_numpy(x)])[0].numpy()
-
-    return run
+    It goes through the agent's runtime facade (:mod:`agent.runtime`), so the compiler verifies and times
+    exactly what a device will run, with the same session options.
+    """
+    return make_backend(runtime, threads=threads).load(path).run
 
 
 def verify(
@@ -102,7 +92,10 @@ def verify(
 
     Returns the largest absolute difference seen.
     """
-    runner = load_runner(path, runtime)
+    try:
+        runner = load_runner(path, runtime)
+    except BackendError as exc:
+        raise VerificationError(f"{path.name} does not load in {runtime}: {exc}") from exc
     worst = 0.0
     model.eval()
     with torch.no_grad():
