@@ -80,6 +80,12 @@ def add_compile_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore
         help="prune -> fine-tune rounds per variant, rescoring channels each round (default 2)",
     )
     p.add_argument(
+        "--align-channels",
+        type=int,
+        default=8,
+        help="keep each pruned layer's channel count a multiple of this (default 8; 1 = exact ratios)",
+    )
+    p.add_argument(
         "--sparsity",
         type=float,
         default=0.0,
@@ -117,6 +123,7 @@ def _run_compile(args: argparse.Namespace) -> int:
         train=train,
         finetune_epochs=args.finetune_epochs,
         iterations=args.iterations,
+        align_channels=args.align_channels,
         sparsity=args.sparsity,
         model_id=args.model_id,
         bundle_version=args.bundle_version,

@@ -71,6 +71,7 @@ class CompileOptions:
     train: TrainConfig = field(default_factory=TrainConfig)
     finetune_epochs: float = 1.0
     iterations: int = 2
+    align_channels: int = 8
     sparsity: float = 0.0
     model_id: str = "fmnist-resnet"
     bundle_version: str = "1.0.0"
@@ -212,6 +213,18 @@ def _ladder(
     return built
 
 
+def _aligned(target: float, align: int, current: int) -> int:
+    """``target`` channels rounded to a multiple of ``align`` (at least ``align``, at most ``current``).
+
+    A layer already at ``align`` channels or fewer is not cut further.
+    """
+    if align <= 1:
+        return min(current, max(1, round(target)))
+    if current <= align:
+        return current
+    return min(current, max(align, round(target / align) * align))
+
+
 def _prune_iteratively(
     *,
     opts: CompileOptions,
@@ -224,14 +237,23 @@ def _prune_iteratively(
 ) -> tuple[nn.Module, PruningPlan]:
     """Reach ``ratios`` in ``opts.iterations`` prune -> distil steps, rescoring channels after each step.
 
-    Step ratios compound: removing ``1 - (1 - r) ** (1 / k)`` of what is left, k times, removes ``r``.
-    The steps of all iterations form one plan, which replays on the dense model.
+    After step ``i`` of ``k`` a group keeps about ``C * (1 - r) ** ((i + 1) / k)`` of its ``C`` dense
+    channels, rounded to a multiple of ``opts.align_channels``: onnxruntime runs its fast blocked (NCHWc)
+    convolutions only on channel counts that are multiples of 8 or 16, and falls back to a generic kernel
+    several times slower otherwise. The steps of all iterations form one plan, which replays on the
+    dense model.
     """
     model = copy.deepcopy(dense)
     k = max(1, opts.iterations)
+    dense_channels = {g.root: g.channels for g in prunable_groups(dense, example)}
     steps: list[PlanStep] = []
     for i in range(k):
-        step_ratios = {g: 1 - (1 - r) ** (1 / k) for g, r in ratios.items()}
+        current = {g.root: g.channels for g in prunable_groups(model, example)}
+        step_ratios = {}
+        for g, r in ratios.items():
+            keep = _aligned(dense_channels[g] * (1 - r) ** ((i + 1) / k), opts.align_channels, current[g])
+            # Torch-Pruning keeps int(channels * (1 - ratio)); the half channel makes that exactly `keep`
+            step_ratios[g] = (current[g] - keep - 0.5) / current[g] if keep < current[g] else 0.0
         part = prune(
             model,
             example,

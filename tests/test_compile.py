@@ -164,3 +164,13 @@ def test_bad_input_is_a_clear_error_before_any_work(
     assert out.returncode == 1, out.stderr
     assert message in out.stderr
     assert not (tmp_path / "b").exists()
+
+
+def test_pruned_channel_counts_stay_aligned(compiled: CompileResult) -> None:
+    # onnxruntime's fast blocked convolutions need channel counts that are multiples of 8
+    import onnx
+
+    model = onnx.load(str(compiled.out / "static-50.onnx"))
+    weights = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    channels = [weights[n.input[1]][0] for n in model.graph.node if n.op_type == "Conv"]
+    assert channels and all(c % 8 == 0 for c in channels), channels

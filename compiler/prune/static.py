@@ -114,10 +114,8 @@ def prune(
     ...              source_model="reference")  # doctest: +SKIP
     """
     for name, ratio in ratios.items():
-        if not 0.0 <= ratio <= MAX_RATIO:
-            raise PruneError(
-                f"pruning ratio {ratio} for {name!r} is out of range", hint=f"use 0 <= ratio <= {MAX_RATIO}"
-            )
+        if not 0.0 <= ratio < 1.0:
+            raise PruneError(f"pruning ratio {ratio} for {name!r} is out of range", hint="use 0 <= ratio < 1")
     check_supported(model)
     modules = dict(model.named_modules())
     unknown = sorted(set(ratios) - set(modules))
