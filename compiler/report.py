@@ -14,6 +14,8 @@ from agent.contract import BundleManifest
 __all__ = ["markdown_report", "pareto_plot"]
 
 _MARKERS = {"onnx": "o", "executorch": "s"}
+# Labels above the onnxruntime points and below the ExecuTorch ones, so coinciding points stay readable.
+_LABEL_OFFSET = {"onnx": (4, 5), "executorch": (4, -12)}
 
 
 def pareto_plot(manifest: BundleManifest, path: Path) -> None:
@@ -30,7 +32,9 @@ def pareto_plot(manifest: BundleManifest, path: Path) -> None:
         pts.sort()
         ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker=marker, linestyle="--", label=runtime)
         for x, y, name in pts:
-            ax.annotate(name, (x, 100 * y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            ax.annotate(
+                name, (x, 100 * y), textcoords="offset points", xytext=_LABEL_OFFSET[runtime], fontsize=8
+            )
     ax.set_xlabel("median latency, batch 1 (ms)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"{manifest.model_id} {manifest.bundle_version}: accuracy vs latency")
