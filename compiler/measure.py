@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 from pathlib import Path
@@ -12,32 +13,15 @@ import torch_pruning as tp
 from torch import nn
 
 from agent.contract import Latency, Runtime
-from compiler.export import Runner, load_runner
+from compiler.export import load_runner
 
-__all__ = ["count_macs_params", "host_description", "latency", "latency_side_by_side", "runner_accuracy"]
+__all__ = ["count_macs_params", "host_description", "latency_side_by_side"]
 
 
 def count_macs_params(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
     """Multiply-accumulates of one forward pass at batch 1, and the parameter count."""
     macs, params = tp.utils.count_ops_and_params(model.eval(), example)
     return int(macs), int(params)
-
-
-def latency(run: Runner, x: np.ndarray, *, warmup: int = 20, runs: int = 200, threads: int = 1) -> Latency:
-    """Median and p90 of ``runs`` timed batch-1 calls after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        run(x)
-    times = np.empty(runs)
-    for i in range(runs):
-        start = time.perf_counter()
-        run(x)
-        times[i] = time.perf_counter() - start
-    return Latency(
-        median_ms=float(np.median(times) * 1e3),
-        p90_ms=float(np.percentile(times, 90) * 1e3),
-        threads=threads,
-        runs=runs,
-    )
 
 
 def latency_side_by_side(
@@ -78,14 +62,6 @@ def latency_side_by_side(
     return out
 
 
-def runner_accuracy(run: Runner, x: torch.Tensor, y: torch.Tensor) -> float:
-    """Top-1 accuracy of an exported file, one sample at a time (what a device sees)."""
-    correct = 0
-    for i in range(x.shape[0]):
-        correct += int(run(x[i : i + 1].numpy()).argmax() == int(y[i]))
-    return correct / max(x.shape[0], 1)
-
-
 def host_description() -> str:
     """CPU model and core count of this machine, for the manifest."""
     model = platform.processor() or platform.machine()
@@ -96,6 +72,4 @@ def host_description() -> str:
                 break
     except OSError:
         pass
-    import os
-
     return f"{model}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}"
