@@ -10,7 +10,7 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from agent import __version__
@@ -31,20 +31,6 @@ examples:
 
 docs: README.md, docs/architecture.md, docs/protocol.md
 """
-
-
-class NotBuiltError(UserError):
-    """A subcommand whose part of the product is not built yet."""
-
-
-def _not_built(command: str, issue: int, what: str) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        raise NotBuiltError(
-            f"'edgeprune {command}' is not built yet: {what} is tracked in issue #{issue}",
-            hint="`edgeprune demo` runs what works today; see README.md for the status of each part",
-        )
-
-    return run
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -230,18 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     from agent.cli import add_agent_parser
     from compiler.cli import add_compile_parser, add_keys_parser
+    from devices.cli import add_devices_parser
+    from fleet.cli import add_fleet_parser
 
-    add_compile_parser(sub)
-    add_keys_parser(sub)
-    add_agent_parser(sub)
+    for add in (add_compile_parser, add_keys_parser, add_agent_parser, add_fleet_parser, add_devices_parser):
+        add(sub)
 
-    for name, issue, what, help_text in (
-        ("fleet", 7, "the fleet manager", "run the fleet manager"),
-        ("devices", 8, "device profiles and the fleet simulator", "device profiles and the simulator"),
-    ):
-        p = sub.add_parser(name, help=f"{help_text} (not built yet, issue #{issue})")
-        p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-        p.set_defaults(func=_not_built(name, issue, what))
     return parser
 
 
