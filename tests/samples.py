@@ -17,6 +17,8 @@ from agent.contract import (
     CreationInfo,
     DesiredState,
     Event,
+    GatedBlock,
+    Gating,
     InputSpec,
     Latency,
     Message,
@@ -73,6 +75,13 @@ def sample_manifest(*, signed: bool = False) -> BundleManifest:
                     accuracy=0.931,
                     latency=latency,
                     budget=BudgetInput(minimum=0.0, maximum=1.0, default=0.5),
+                    gating=Gating(
+                        blocks=(
+                            GatedBlock(name="blocks.0", widths=(16, 32), macs=(3_000_000, 6_000_000)),
+                            GatedBlock(name="blocks.1", widths=(32, 64), macs=(8_000_000, 16_000_000)),
+                        ),
+                        fixed_macs=18_000_000,
+                    ),
                 ),
                 Variant(
                     name="static-50",

@@ -67,7 +67,7 @@ def test_static_variant_cannot_have_budget(manifest: BundleManifest) -> None:
     def add_budget(d: dict) -> None:  # type: ignore[type-arg]
         d["variants"][2]["budget"] = {"minimum": 0, "maximum": 1, "default": 1}
 
-    with pytest.raises(ContractError, match="cannot have a budget"):
+    with pytest.raises(ContractError, match="static variant .* has a budget"):
         BundleManifest.from_json(_mutated(manifest, add_budget))
 
 
@@ -161,3 +161,28 @@ def test_lookup_helpers(manifest: BundleManifest) -> None:
     assert manifest.variant("dense").file_for("executorch").path == "dense.pte"  # type: ignore[union-attr]
     with pytest.raises(KeyError, match="static-50"):
         manifest.variant("nope")
+
+
+def test_gated_variant_needs_its_gating(manifest: BundleManifest) -> None:
+    def drop(d: dict) -> None:  # type: ignore[type-arg]
+        del d["variants"][1]["gating"]
+
+    with pytest.raises(ContractError, match="needs a budget input and its gating"):
+        BundleManifest.from_json(_mutated(manifest, drop))
+
+
+def test_gated_block_widths_and_macs_align(manifest: BundleManifest) -> None:
+    def bad(d: dict) -> None:  # type: ignore[type-arg]
+        d["variants"][1]["gating"]["blocks"][0]["macs"] = [1, 2, 3]
+
+    with pytest.raises(ContractError, match="2 widths but 3 macs"):
+        BundleManifest.from_json(_mutated(manifest, bad))
+
+
+def test_realised_macs_and_density(manifest: BundleManifest) -> None:
+    gating = manifest.variant("gated").gating
+    assert gating is not None
+    assert gating.realised([0, 0]) == (18_000_000 + 3_000_000 + 8_000_000, 48 / 96)
+    assert gating.realised([1, 1]) == (18_000_000 + 6_000_000 + 16_000_000, 1.0)
+    with pytest.raises(ValueError, match="1 width indices for 2"):
+        gating.realised([0])

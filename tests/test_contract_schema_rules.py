@@ -47,6 +47,8 @@ def test_public_api_is_pinned() -> None:
             "ArtifactFile",
             "Birth",
             "BudgetInput",
+            "GatedBlock",
+            "Gating",
             "BudgetPoint",
             "BundleManifest",
             "BundleRef",

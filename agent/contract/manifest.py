@@ -9,6 +9,7 @@ hash. Bundles are immutable: a new model is a new bundle version.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import PurePosixPath
 from typing import Annotated, Literal
@@ -31,6 +32,8 @@ __all__ = [
     "BudgetPoint",
     "BundleManifest",
     "CreationInfo",
+    "GatedBlock",
+    "Gating",
     "InputSpec",
     "Latency",
     "Normalization",
@@ -170,6 +173,53 @@ class BudgetPoint(ContractModel):
     latency: dict[Runtime, Latency] = described("Measured latency per runtime at this budget.", default={})
 
 
+class GatedBlock(ContractModel):
+    """One residual block whose inner width a gate picks per input."""
+
+    name: str = described("Module path of the block in the source model, e.g. `blocks.1`.", min_length=1)
+    widths: tuple[int, ...] = described(
+        "Selectable inner channel counts, ascending; the last is the full width.", min_length=2
+    )
+    macs: tuple[int, ...] = described("Multiply-accumulates of the block at each width.", min_length=2)
+
+    @model_validator(mode="after")
+    def _aligned(self) -> GatedBlock:
+        if len(self.macs) != len(self.widths):
+            raise ValueError(f"block {self.name}: {len(self.widths)} widths but {len(self.macs)} macs")
+        if list(self.widths) != sorted(set(self.widths)) or self.widths[0] < 1:
+            raise ValueError(f"block {self.name}: widths must be distinct, ascending and >= 1")
+        return self
+
+
+class Gating(ContractModel):
+    """How a gated variant computes: the gated blocks, so a device can dispatch and count realised MACs.
+
+    The ONNX file takes the input and the budget and returns the logits and, in the output named
+    ``widths_output``, the chosen width index of every block (int64, one per block). The ExecuTorch
+    file holds one method per segment: ``stem`` (input, budget) -> (features, index for block 0), then
+    ``block{i}_w{j}`` (features, budget) -> (features, index for block i+1), the last block's methods
+    returning (logits,); a dispatcher runs ``stem`` and then, per block, the method the index names.
+    """
+
+    blocks: tuple[GatedBlock, ...] = described("The gated blocks, in execution order.", min_length=1)
+    fixed_macs: int = described("Multiply-accumulates outside the gated blocks (stem, gates, head).", ge=0)
+    widths_output: Identifier = described(
+        "Name of the ONNX output with the chosen width index per block.", default="widths"
+    )
+
+    def realised(self, indices: Sequence[int]) -> tuple[int, float]:
+        """MACs and density (fraction of gated channels computed) for one inference's width indices.
+
+        >>> gating.realised([0, 3, 1])  # doctest: +SKIP
+        (14200000, 0.5)
+        """
+        if len(indices) != len(self.blocks):
+            raise ValueError(f"{len(indices)} width indices for {len(self.blocks)} gated blocks")
+        macs = self.fixed_macs + sum(b.macs[i] for b, i in zip(self.blocks, indices, strict=True))
+        used = sum(b.widths[i] for b, i in zip(self.blocks, indices, strict=True))
+        return macs, used / sum(b.widths[-1] for b in self.blocks)
+
+
 class Variant(ContractModel):
     """One model of the bundle: the dense reference, the gated model, or a statically pruned network."""
 
@@ -196,16 +246,17 @@ class Variant(ContractModel):
     plan: BundlePath | None = described(
         "Path of the JSON pruning plan that rebuilds this variant from the dense model, if any.", default=None
     )
+    gating: Gating | None = described("The gated blocks; required for gated, absent otherwise.", default=None)
 
     @model_validator(mode="after")
     def _consistent(self) -> Variant:
         runtimes = [f.runtime for f in self.files]
         if len(set(runtimes)) != len(runtimes):
             raise ValueError(f"variant {self.name!r} lists a runtime twice: {runtimes}")
-        if self.kind == "gated" and self.budget is None:
-            raise ValueError(f"gated variant {self.name!r} needs a budget input")
-        if self.kind != "gated" and (self.budget is not None or self.budget_curve):
-            raise ValueError(f"{self.kind} variant {self.name!r} cannot have a budget or budget_curve")
+        if self.kind == "gated" and (self.budget is None or self.gating is None):
+            raise ValueError(f"gated variant {self.name!r} needs a budget input and its gating")
+        if self.kind != "gated" and (self.budget is not None or self.budget_curve or self.gating is not None):
+            raise ValueError(f"{self.kind} variant {self.name!r} has a budget, budget_curve or gating")
         return self
 
     def file_for(self, runtime: Runtime) -> ArtifactFile | None:
