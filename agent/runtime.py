@@ -27,12 +27,12 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, get_args, runtime_checkable
+from typing import Any, Protocol, cast, get_args, runtime_checkable
 
 import numpy as np
 import onnxruntime as ort
 
-from agent.contract import BundleManifest, InputSpec, Runtime
+from agent.contract import BudgetInput, BundleManifest, Gating, InputSpec, Runtime
 from agent.errors import UserError
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "Backend",
     "BackendError",
     "ExecutorchBackend",
+    "GatedModel",
     "Inference",
     "LoadedModel",
     "ModelServer",
@@ -75,6 +76,18 @@ class LoadedModel(Protocol):
 
 
 @runtime_checkable
+class GatedModel(Protocol):
+    """A gated variant, loaded: ``run`` takes the budget too and also says which width each block used.
+
+    >>> logits, widths = backend.load_gated(path, gating=g, budget=b).run(x, 0.5)  # doctest: +SKIP
+    """
+
+    def run(self, x: np.ndarray, budget: float) -> tuple[np.ndarray, tuple[int, ...]]:
+        """Logits ``[1, classes]`` and the width index the gate chose for every gated block."""
+        ...
+
+
+@runtime_checkable
 class Backend(Protocol):
     """A runtime that loads exported files of one kind (``name``: ``onnx`` -> ``.onnx``, ...).
 
@@ -86,6 +99,10 @@ class Backend(Protocol):
 
     def load(self, path: Path) -> LoadedModel:
         """Load ``path``; :class:`BackendError` naming the file if it cannot be loaded."""
+        ...
+
+    def load_gated(self, path: Path, *, gating: Gating, budget: BudgetInput) -> GatedModel:
+        """Load the gated variant file ``path`` (see :class:`agent.contract.Gating` for its form)."""
         ...
 
 
@@ -107,6 +124,28 @@ class _OnnxModel:
         return self._run(None, {self._input: x})[0]
 
 
+class _OnnxGated:
+    __slots__ = ("_budget", "_image", "_logits_at", "_run", "_widths_at")
+
+    def __init__(self, session: Any, path: Path, gating: Gating, budget: BudgetInput) -> None:
+        inputs = [i.name for i in session.get_inputs()]
+        outputs = [o.name for o in session.get_outputs()]
+        if len(inputs) != 2 or budget.name not in inputs or gating.widths_output not in outputs:
+            raise BackendError(
+                f"{path} is not a gated graph: inputs {inputs}, outputs {outputs}; the manifest expects "
+                f"the budget input {budget.name!r} and the output {gating.widths_output!r}"
+            )
+        self._image = next(name for name in inputs if name != budget.name)
+        self._budget = budget.name
+        self._widths_at = outputs.index(gating.widths_output)
+        self._logits_at = 1 - self._widths_at
+        self._run: Callable[[Any, dict[str, np.ndarray]], list[np.ndarray]] = session.run
+
+    def run(self, x: np.ndarray, budget: float) -> tuple[np.ndarray, tuple[int, ...]]:
+        out = self._run(None, {self._image: x, self._budget: np.array(budget, dtype=np.float32)})
+        return out[self._logits_at], tuple(int(i) for i in out[self._widths_at])
+
+
 class OnnxBackend:
     """onnxruntime on the CPU: ``intra_op_num_threads=threads``, one inter-op thread, all graph
     optimisations. Never imports torch.
@@ -124,6 +163,12 @@ class OnnxBackend:
         self.threads = threads
 
     def load(self, path: Path) -> LoadedModel:
+        return _OnnxModel(self._session(path))
+
+    def load_gated(self, path: Path, *, gating: Gating, budget: BudgetInput) -> GatedModel:
+        return _OnnxGated(self._session(path), path, gating, budget)
+
+    def _session(self, path: Path) -> Any:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self.threads
         opts.inter_op_num_threads = 1
@@ -133,7 +178,7 @@ class OnnxBackend:
             session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own pybind classes (InvalidProtobuf, NoSuchFile...)
             raise BackendError(f"onnxruntime cannot load {path}: {exc}") from exc
-        return _OnnxModel(session)
+        return session
 
     def __repr__(self) -> str:
         return f"OnnxBackend(threads={self.threads})"
@@ -152,6 +197,41 @@ class _ExecutorchModel:
         with self._lock:
             out: np.ndarray = self._method.execute([self._from_numpy(x)])[0].numpy()
         return out
+
+
+class _ExecutorchGated:
+    """The dispatcher of a multi-method gated ``.pte``: ``stem``, then per block the method the previous
+    segment's gate named (``block{i}_w{j}``); see :class:`agent.contract.Gating`."""
+
+    __slots__ = ("_blocks", "_from_numpy", "_lock", "_stem", "_tensor")
+
+    def __init__(self, program: Any, path: Path, gating: Gating, torch_mod: Any) -> None:
+        names = set(program.method_names)
+        wanted = {"stem"} | {
+            f"block{i}_w{j}" for i, b in enumerate(gating.blocks) for j in range(len(b.widths))
+        }
+        if not wanted <= names:
+            raise BackendError(f"{path} lacks the gated methods {sorted(wanted - names)[:4]}...")
+        self._stem = program.load_method("stem")
+        self._blocks = [
+            [program.load_method(f"block{i}_w{j}") for j in range(len(b.widths))]
+            for i, b in enumerate(gating.blocks)
+        ]
+        self._from_numpy: Callable[[np.ndarray], Any] = torch_mod.from_numpy
+        self._tensor: Callable[..., Any] = torch_mod.tensor
+        self._lock = threading.Lock()
+
+    def run(self, x: np.ndarray, budget: float) -> tuple[np.ndarray, tuple[int, ...]]:
+        b = self._tensor(budget, dtype=self._from_numpy(np.zeros(0, np.float32)).dtype)
+        picks = []
+        with self._lock:
+            out = self._stem.execute([self._from_numpy(x), b])
+            for methods in self._blocks:
+                j = int(out[1][0])
+                picks.append(j)
+                out = methods[j].execute([out[0], b])
+            logits: np.ndarray = out[0].numpy()
+        return logits, tuple(picks)
 
 
 class ExecutorchBackend:
@@ -180,6 +260,7 @@ class ExecutorchBackend:
                 f"the ExecuTorch runtime is not installed ({exc})", hint=EXECUTORCH_HINT
             ) from exc
         self._from_numpy: Callable[[np.ndarray], Any] = torch.from_numpy
+        self._torch: Any = torch
         self._runtime: Any = et_runtime.Runtime.get()
 
     def load(self, path: Path) -> LoadedModel:
@@ -188,6 +269,15 @@ class ExecutorchBackend:
         except Exception as exc:  # the pybindings raise a bare RuntimeError with an error code
             raise BackendError(f"ExecuTorch cannot load {path}: {exc}") from exc
         return _ExecutorchModel(method, self._from_numpy)
+
+    def load_gated(self, path: Path, *, gating: Gating, budget: BudgetInput) -> GatedModel:
+        try:
+            program = self._runtime.load_program(path)
+            return _ExecutorchGated(program, path, gating, self._torch)
+        except BackendError:
+            raise
+        except Exception as exc:
+            raise BackendError(f"ExecuTorch cannot load {path}: {exc}") from exc
 
     def __repr__(self) -> str:
         return "ExecutorchBackend()"
@@ -300,7 +390,9 @@ class Inference:
     """The result of :meth:`ModelServer.infer`.
 
     ``latency_ms`` is the model's execution alone (preprocessing excluded), comparable to the latency the
-    manifest records; ``macs`` is the variant's multiply-accumulates per inference.
+    manifest records; ``macs`` is what this inference computed: the variant's MACs, or for a gated variant
+    what the widths its gates chose cost; ``density`` the share of the gated channels computed (1.0 for a
+    variant without gates); ``budget`` the budget a gated variant ran at.
     """
 
     logits: np.ndarray
@@ -308,14 +400,20 @@ class Inference:
     variant: str
     latency_ms: float
     macs: int
+    density: float = 1.0
+    budget: float | None = None
+    widths: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class _Slot:
     name: str
-    model: LoadedModel
+    model: LoadedModel | GatedModel
     macs: int
     size_bytes: int
+    gating: Gating | None = None
+    default_budget: float | None = None
+    budget_range: tuple[float, float] | None = None
 
 
 class ModelServer:
@@ -432,11 +530,13 @@ class ModelServer:
         if previous != name:
             log.info("switched from %s to %s", previous, name)
 
-    def infer(self, x: np.ndarray, *, variant: str | None = None) -> Inference:
+    def infer(self, x: np.ndarray, *, variant: str | None = None, budget: float | None = None) -> Inference:
         """Preprocess ``x`` (see :func:`preprocess`) and run it on the active variant.
 
         ``variant`` runs it on that variant instead, without switching (a shadow run to compare
         variants); it is loaded if needed and, under a memory cap, may be evicted again right after.
+        ``budget`` is the gating budget for a gated variant (default: the manifest's default; clamped to
+        its range); variants without gates ignore it.
 
         >>> server.infer(np.zeros((28, 28), np.uint8)).label  # doctest: +SKIP
         3
@@ -447,15 +547,33 @@ class ModelServer:
         else:
             slot = self._slot_for(variant)
         data = self._prep(x)
+        if slot.gating is None:
+            start = time.perf_counter()
+            logits = cast(LoadedModel, slot.model).run(data)
+            latency_ms = _ms_since(start)
+            return Inference(
+                logits=logits,
+                label=int(logits.argmax()),
+                variant=slot.name,
+                latency_ms=latency_ms,
+                macs=slot.macs,
+            )
+        assert slot.budget_range is not None and slot.default_budget is not None
+        lo, hi = slot.budget_range
+        b = min(max(slot.default_budget if budget is None else float(budget), lo), hi)
         start = time.perf_counter()
-        logits = slot.model.run(data)
+        logits, widths = cast(GatedModel, slot.model).run(data, b)
         latency_ms = _ms_since(start)
+        macs, density = slot.gating.realised(widths)
         return Inference(
             logits=logits,
             label=int(logits.argmax()),
             variant=slot.name,
             latency_ms=latency_ms,
-            macs=slot.macs,
+            macs=macs,
+            density=density,
+            budget=b,
+            widths=widths,
         )
 
     def _slot_for(self, name: str) -> _Slot:
@@ -515,10 +633,19 @@ class ModelServer:
     def _load(self, name: str) -> _Slot:
         """Load ``name`` and check it once on zeros: runs, and gives logits of the right shape."""
         path, size = self._files[name]
+        variant = self._manifest.variant(name)
         started = time.perf_counter()
-        model = self._backend.load(path)
+        zeros = np.zeros(self._manifest.input.shape, self._prep.dtype)
+        model: LoadedModel | GatedModel
         try:
-            out = model.run(np.zeros(self._manifest.input.shape, self._prep.dtype))
+            if variant.gating is not None and variant.budget is not None:
+                model = self._backend.load_gated(path, gating=variant.gating, budget=variant.budget)
+                out, _ = model.run(zeros, variant.budget.default)
+            else:
+                model = self._backend.load(path)
+                out = model.run(zeros)
+        except BackendError:
+            raise
         except Exception as exc:
             raise BackendError(f"{path} loaded but fails to run in {self._backend.name}: {exc}") from exc
         if out.shape != self._out_shape:
@@ -527,7 +654,16 @@ class ModelServer:
                 f"{self._out_shape}"
             )
         log.info("loaded %s (%s, %.1f kB) in %.0f ms", name, path.name, size / 1e3, _ms_since(started))
-        return _Slot(name=name, model=model, macs=self._manifest.variant(name).macs, size_bytes=size)
+        budget = variant.budget
+        return _Slot(
+            name=name,
+            model=model,
+            macs=variant.macs,
+            size_bytes=size,
+            gating=variant.gating,
+            default_budget=None if budget is None else budget.default,
+            budget_range=None if budget is None else (budget.minimum, budget.maximum),
+        )
 
     def __repr__(self) -> str:
         return f"ModelServer({self._bundle}, backend={self._backend!r}, active={self.active!r})"

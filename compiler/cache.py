@@ -36,9 +36,9 @@ def cache_key(**parts: object) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def load_cached(model: nn.Module, key: str) -> bool:
-    """Load the entry ``key`` into ``model``; ``False`` if there is none (or it is unreadable)."""
-    path = cache_dir() / f"dense-{key}.pt"
+def load_cached(model: nn.Module, key: str, *, kind: str = "dense") -> bool:
+    """Load the ``kind`` entry ``key`` into ``model``; ``False`` if there is none (or it is unreadable)."""
+    path = cache_dir() / f"{kind}-{key}.pt"
     if not path.is_file():
         return False
     try:
@@ -48,10 +48,11 @@ def load_cached(model: nn.Module, key: str) -> bool:
     return True
 
 
-def store(model: nn.Module, key: str) -> Path:
+def store(model: nn.Module, key: str, *, kind: str = "dense") -> Path:
+    """Write ``model``'s state_dict as the ``kind`` entry ``key`` (atomically)."""
     directory = cache_dir()
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"dense-{key}.pt"
+    path = directory / f"{kind}-{key}.pt"
     with tempfile.NamedTemporaryFile(dir=directory, delete=False, suffix=".tmp") as tmp:
         torch.save(model.state_dict(), tmp)
         tmp.flush()

@@ -91,6 +91,17 @@ def add_compile_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore
         default=0.0,
         help="zero this fraction of weights in static variants: smaller OTA downloads, no speed-up",
     )
+    p.add_argument(
+        "--gated",
+        action="store_true",
+        help="add the input-dependent gated variant (a budget knob the agent turns at run time)",
+    )
+    p.add_argument(
+        "--slim-epochs", type=float, default=2.0, help="gated: epochs training the shared widths (default 2)"
+    )
+    p.add_argument(
+        "--gate-epochs", type=float, default=1.0, help="gated: epochs training the gates (default 1)"
+    )
     p.add_argument("--model-id", default="fmnist-resnet")
     p.add_argument("--bundle-version", default="1.0.0")
     p.add_argument("--latency-runs", type=int, default=600)
@@ -103,6 +114,7 @@ def add_compile_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore
 
 
 def _run_compile(args: argparse.Namespace) -> int:
+    from compiler.gating.train import GateTrainConfig
     from compiler.pipeline import CompileOptions, compile_bundle
     from compiler.train import TrainConfig
 
@@ -129,6 +141,8 @@ def _run_compile(args: argparse.Namespace) -> int:
         bundle_version=args.bundle_version,
         latency_runs=args.latency_runs,
         threads=args.threads,
+        gated=args.gated,
+        gate=GateTrainConfig(slim_epochs=args.slim_epochs, gate_epochs=args.gate_epochs, seed=args.seed),
         force=args.force,
     )
     result = compile_bundle(opts)

@@ -41,6 +41,8 @@ from compiler import cache
 from compiler.data import Splits, load_splits
 from compiler.errors import CompileError
 from compiler.export import EXPORTERS, verify
+from compiler.gating.build import GatedBuild, budget_points, build_gated, export_and_verify, gated_latency
+from compiler.gating.train import GateTrainConfig
 from compiler.measure import count_macs_params, host_description, latency_side_by_side
 from compiler.models import load_model
 from compiler.prune.importance import criterion as get_criterion
@@ -81,6 +83,8 @@ class CompileOptions:
     calibration_samples: int = 256
     validation_samples: int = 2000
     verify_samples: int = 8
+    gated: bool = False
+    gate: GateTrainConfig = field(default_factory=GateTrainConfig)
     force: bool = False
 
 
@@ -134,11 +138,15 @@ def _validate(opts: CompileOptions) -> None:
     load_private_key(opts.key)  # fail now, not after training
 
 
-def _dense(opts: CompileOptions, splits: Splits) -> nn.Module:
-    model = load_model(opts.model, classes=len(splits.class_names), in_channels=splits.input_shape[1])
-    key = cache.cache_key(
+def _dense_key(opts: CompileOptions, splits: Splits) -> str:
+    return cache.cache_key(
         model=opts.model, data=splits.name, train=opts.train, n=len(splits.train), shape=splits.input_shape
     )
+
+
+def _dense(opts: CompileOptions, splits: Splits) -> nn.Module:
+    model = load_model(opts.model, classes=len(splits.class_names), in_channels=splits.input_shape[1])
+    key = _dense_key(opts, splits)
     if cache.load_cached(model, key):
         print(f"    reusing cached dense checkpoint {key} from {cache.cache_dir()}")
         return model.eval()
@@ -326,6 +334,10 @@ def compile_bundle(opts: CompileOptions) -> CompileResult:
         )
     built = [_Built("dense", dense, None, dense_acc, dense_macs, dense_params)]
     built += _ladder(opts, dense, splits, example, clock)
+    gated: GatedBuild | None = None
+    if opts.gated:
+        with clock.stage("gated", "gated variant: shared widths, then gates with a compute penalty"):
+            gated = build_gated(dense, splits, example, opts.gate, dense_key=_dense_key(opts, splits))
 
     opts.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{opts.out.name}.tmp-", dir=opts.out.parent))
@@ -334,6 +346,11 @@ def compile_bundle(opts: CompileOptions) -> CompileResult:
             "export + verify", "exporting to " + " and ".join(opts.runtimes) + ", verifying each file"
         ):
             files = _export_all(opts, built, example, splits, tmp)
+            gated_files: dict[Runtime, Path] = {}
+            if gated is not None:
+                checks = torch.cat([torch.randn(4, *example.shape[1:]), splits.test.x[:4]])
+                gated_files = export_and_verify(gated, example, checks, opts.runtimes, tmp, name="gated")
+                print(f"    gated: exported and verified in {', '.join(opts.runtimes)} at every budget")
         with clock.stage(
             "latency", f"measuring batch-1 latency side by side ({opts.latency_runs} runs each)"
         ):
@@ -344,11 +361,23 @@ def compile_bundle(opts: CompileOptions) -> CompileResult:
                 lat = latency_side_by_side(
                     files, splits.test.x[:1].numpy().copy(), runs=opts.latency_runs, threads=opts.threads
                 )
+                gated_lat = (
+                    gated_latency(
+                        gated,
+                        gated_files,
+                        splits.test.x[:64].numpy(),
+                        runs=opts.latency_runs,
+                        threads=opts.threads,
+                    )
+                    if gated is not None
+                    else {}
+                )
             finally:
                 torch.set_num_threads(torch_threads)
         with clock.stage("bundle", "writing, signing and checking the bundle"):
+            extra = [_gated_variant(gated, gated_files, gated_lat)] if gated is not None else []
             manifest = _write_bundle(
-                opts=opts, splits=splits, built=built, files=files, lat=lat, tmp=tmp, clock=clock
+                opts=opts, splits=splits, built=built, files=files, lat=lat, tmp=tmp, clock=clock, extra=extra
             )
         tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be read and served
         if opts.out.exists():
@@ -361,6 +390,27 @@ def compile_bundle(opts: CompileOptions) -> CompileResult:
     return CompileResult(opts.out, manifest, clock.breakdown)
 
 
+def _gated_variant(
+    gated: GatedBuild, files: dict[Runtime, Path], lat: dict[float, dict[Runtime, Latency]]
+) -> Variant:
+    point = gated.default_point
+    return Variant(
+        name="gated",
+        kind="gated",
+        files=tuple(
+            ArtifactFile(runtime=rt, path=p.name, sha256=file_sha256(p), size_bytes=p.stat().st_size)
+            for rt, p in files.items()
+        ),
+        macs=gated.gating.fixed_macs + sum(b.macs[-1] for b in gated.gating.blocks),
+        params=gated.params,
+        accuracy=point.accuracy,
+        latency=lat.get(point.budget, {}),
+        budget=gated.budget,
+        budget_curve=budget_points(gated, lat),
+        gating=gated.gating,
+    )
+
+
 def _write_bundle(
     *,
     opts: CompileOptions,
@@ -370,6 +420,7 @@ def _write_bundle(
     lat: dict[str, dict[Runtime, Latency]],
     tmp: Path,
     clock: _Clock,
+    extra: list[Variant],
 ) -> BundleManifest:
     import importlib.metadata as md
 
@@ -395,6 +446,7 @@ def _write_bundle(
                 plan=plan_path,
             )
         )
+    variants[1:1] = extra  # dense, then the gated variant, then the static ladder
     versions = {}
     for dist in ("torch", "executorch", "onnxruntime", "onnx", "torch-pruning"):
         with contextlib.suppress(md.PackageNotFoundError):
@@ -428,6 +480,12 @@ def _write_bundle(
         "latency: median of interleaved batch-1 runs, one process, "
         f"{opts.threads} thread(s), onnxruntime and ExecuTorch (XNNPACK) side by side",
     ]
+    if extra:
+        notes.append(
+            f"gated: shared widths {opts.gate.slim_epochs} epoch(s) (sandwich rule, in-place distillation), "
+            f"gates {opts.gate.gate_epochs} epoch(s) (straight-through Gumbel, compute penalty); latency at "
+            "each budget cycles through 64 test images, since the widths depend on the input"
+        )
     if opts.sparsity:
         notes.append(
             f"unstructured sparsity {opts.sparsity:.0%} on static variants: smaller downloads, no speed-up"

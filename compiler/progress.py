@@ -20,6 +20,6 @@ def progress(*, total: int, desc: str, unit: str = "it") -> Any:
         file=sys.stderr,
         dynamic_ncols=True,
         leave=True,
-        mininterval=0.2 if interactive else 3600.0,
+        mininterval=0.2 if interactive else 0.0,
         miniters=None if interactive else max(1, total // 10),
     )

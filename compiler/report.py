@@ -19,13 +19,34 @@ _LABEL_OFFSET = {"onnx": (4, 5), "executorch": (4, -12)}
 
 
 def pareto_plot(manifest: BundleManifest, path: Path) -> None:
-    """One point per variant and runtime: median batch-1 latency (x) against test accuracy (y)."""
+    """One point per variant and runtime: median batch-1 latency (x) against test accuracy (y); a gated
+    variant is a curve, one point per budget."""
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for runtime, marker in _MARKERS.items():
+        for v in manifest.variants:
+            curve = [
+                (p.latency[runtime].median_ms, p.accuracy, p.budget)
+                for p in v.budget_curve
+                if runtime in p.latency
+            ]
+            if curve:
+                curve.sort()
+                ax.plot(
+                    [c[0] for c in curve],
+                    [100 * c[1] for c in curve],
+                    marker=marker,
+                    markersize=3,
+                    linestyle="-",
+                    label=f"{v.name} over budgets ({runtime})",
+                )
+                for x, y, b in (curve[0], curve[-1]):
+                    ax.annotate(
+                        f"b={b:g}", (x, 100 * y), textcoords="offset points", xytext=(4, -12), fontsize=7
+                    )
         pts = [
             (v.latency[runtime].median_ms, v.accuracy, v.name)
             for v in manifest.variants
-            if runtime in v.latency and v.accuracy is not None
+            if runtime in v.latency and v.accuracy is not None and not v.budget_curve
         ]
         if not pts:
             continue
@@ -78,6 +99,33 @@ def markdown_report(manifest: BundleManifest, *, breakdown: dict[str, float], no
                 cells += ["-", "-"]
         cells.append(f"{dense.macs / max(v.macs, 1):.2f}x")
         lines.append("| " + " | ".join(cells) + " |")
+    for v in manifest.variants:
+        if not v.budget_curve:
+            continue
+        lines += [
+            "",
+            f"## {v.name}: accuracy, compute and latency by budget",
+            "",
+            "The budget is the second input of the gated model: the target share of the gated blocks' "
+            "compute. Latency cycles through real test images, because the widths depend on the input.",
+            "",
+            "| budget | accuracy | mean MACs | density | ORT ms | ORT speed-up | ET ms | ET speed-up |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for point in v.budget_curve:
+            cells = [
+                f"{point.budget:g}" + (" (default)" if v.budget and point.budget == v.budget.default else ""),
+                f"{100 * point.accuracy:.2f}%",
+                f"{point.macs / 1e6:.2f}M",
+                f"{point.density:.2f}",
+            ]
+            for rt in ("onnx", "executorch"):
+                if rt in point.latency and rt in dense.latency:
+                    ms = point.latency[rt].median_ms
+                    cells += [f"{ms:.3f}", f"{dense.latency[rt].median_ms / ms:.2f}x"]
+                else:
+                    cells += ["-", "-"]
+            lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "## Time spent", "", "| stage | seconds |", "|---|---:|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in breakdown.items()]
     lines += [f"| **total** | {sum(breakdown.values()):.1f} |"]

@@ -1,0 +1,334 @@
+"""Deployment forms of a gated net that really skip compute, one per runtime, and their export.
+
+Masking channels saves nothing on a CPU, so every width of every block becomes its own pre-sliced,
+BN-folded pair of convolutions, and the gate's choice selects which pair runs (docs/compiler.md has the
+measurements behind these choices):
+
+- **ONNX**: one graph, ``(input, budget) -> (logits, widths)``; each block is a tree of ``torch.cond``
+  (exported as ONNX ``If``). The exporter leaves every branch's weights in the outer graph, where
+  onnxruntime cannot pre-pack them and falls back to a slow convolution; :func:`sink_initializers`
+  moves each weight into the one branch that uses it.
+- **ExecuTorch**: XNNPACK does not delegate convolutions inside ``torch.cond`` branches (they run ~50x
+  slower on portable kernels), so the ``.pte`` holds one method per segment, lowered together:
+  ``stem`` and ``block{i}_w{j}``, each ending with the next block's gate decision; the device runs
+  them with a small dispatcher (:class:`agent.runtime.ExecutorchBackend`).
+
+Both forms compute exactly what :meth:`SlimNet.gated` computes at batch 1; :func:`verify_gated` checks
+every exported file against eager at several budgets before it enters a bundle.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import cast
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from agent.contract import BudgetInput, GatedBlock, Gating, Runtime
+from agent.runtime import make_backend
+from compiler.errors import ExportError, VerificationError
+from compiler.export import _quiet
+from compiler.gating.slim import BUDGET_SCALE, SlimBlock, SlimNet
+
+__all__ = [
+    "GatedDeploy",
+    "export_gated_onnx",
+    "export_gated_pte",
+    "gating_spec",
+    "sink_initializers",
+    "verify_gated",
+]
+
+log = logging.getLogger(__name__)
+
+
+def _fold(weight: torch.Tensor, bn: nn.BatchNorm2d, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    """``weight`` (output channels ``rows`` of a conv) with batch norm ``bn`` folded in: (w, b)."""
+    mean = cast(torch.Tensor, bn.running_mean)[rows]
+    var = cast(torch.Tensor, bn.running_var)[rows]
+    scale = bn.weight[rows] / torch.sqrt(var + bn.eps)
+    return weight * scale[:, None, None, None], bn.bias[rows] - mean * scale
+
+
+class _Branch(nn.Module):
+    """Block ``block`` at width index ``j``: two folded convolutions with their own weight tensors."""
+
+    def __init__(self, block: SlimBlock, j: int) -> None:
+        super().__init__()
+        k = block.widths[j]
+        c1, c2 = block.conv1, block.conv2
+        w1, b1 = _fold(c1.weight[:k], block.bn1, slice(0, k))
+        w2, b2 = _fold(c2.weight[:, :k], cast(nn.BatchNorm2d, block.bn2s[j]), slice(None))
+        self.conv1 = nn.Conv2d(c1.in_channels, k, c1.kernel_size, c1.stride, c1.padding)
+        self.conv2 = nn.Conv2d(k, c2.out_channels, c2.kernel_size, c2.stride, c2.padding)
+        with torch.no_grad():
+            # Clones: views of one tensor make torch.cond's export fail with an aliasing error.
+            for conv, w, b in ((self.conv1, w1, b1), (self.conv2, w2, b2)):
+                conv.weight.copy_(w.detach().clone())
+                cast(torch.Tensor, conv.bias).copy_(b.detach().clone())
+
+    def forward(self, x: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.conv2(F.relu(self.conv1(x))) + shortcut)
+
+
+class _Gate(nn.Module):
+    """``argmax(linear(mean(h)) + BUDGET_SCALE * budget * cost)`` as a 1-element int64 tensor."""
+
+    def __init__(self, linear: nn.Linear, cost: torch.Tensor) -> None:
+        super().__init__()
+        self.linear = linear
+        self.register_buffer("cost", (BUDGET_SCALE * cost).clone())
+
+    def forward(self, h: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
+        cost = cast(torch.Tensor, self.cost)
+        return (self.linear(h.mean(dim=(2, 3))) + budget * cost).argmax(dim=1)
+
+
+def _select(
+    branches: nn.ModuleList, idx: torch.Tensor, x: torch.Tensor, sc: torch.Tensor, *, lo: int, hi: int
+) -> torch.Tensor:
+    """Run ``branches[idx]`` through a balanced tree of ``torch.cond`` over ``[lo, hi)``.
+
+    In eager mode (verification) it indexes directly: an eager ``torch.cond`` compiles on every call."""
+    if not torch.compiler.is_compiling():
+        return cast(torch.Tensor, branches[int(idx)](x, sc))
+    if hi - lo == 1:
+        return cast(torch.Tensor, branches[lo](x, sc))
+    mid = (lo + hi) // 2
+
+    def low(x: torch.Tensor, sc: torch.Tensor) -> torch.Tensor:
+        return _select(branches, idx, x, sc, lo=lo, hi=mid)
+
+    def high(x: torch.Tensor, sc: torch.Tensor) -> torch.Tensor:
+        return _select(branches, idx, x, sc, lo=mid, hi=hi)
+
+    return cast(torch.Tensor, torch.cond(idx < mid, low, high, (x, sc)))
+
+
+class GatedDeploy(nn.Module):
+    """The ONNX form: ``(input, budget) -> (logits, width index per block)`` at batch 1."""
+
+    def __init__(self, net: SlimNet) -> None:
+        super().__init__()
+        net = net.eval()
+        self.stem, self.head = net.stem, net.head
+        self.gates = nn.ModuleList(
+            _Gate(cast(nn.Linear, g), c) for g, c in zip(net.gates, net.costs, strict=True)
+        )
+        self.shortcuts = nn.ModuleList(cast(SlimBlock, b).shortcut for b in net.blocks)
+        self.branches = nn.ModuleList(
+            nn.ModuleList(_Branch(cast(SlimBlock, b), j) for j in range(len(cast(SlimBlock, b).widths)))
+            for b in net.blocks
+        )
+
+    def forward(self, x: torch.Tensor, budget: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.stem(x)
+        picks = []
+        for gate, shortcut, branches in zip(self.gates, self.shortcuts, self.branches, strict=True):
+            idx = gate(h, budget)
+            picks.append(idx)
+            h = _select(cast(nn.ModuleList, branches), idx[0], h, shortcut(h), lo=0, hi=len(branches))
+        return self.head(h), torch.cat(picks)
+
+
+class _StemSegment(nn.Module):
+    def __init__(self, deploy: GatedDeploy) -> None:
+        super().__init__()
+        self.stem, self.gate = deploy.stem, deploy.gates[0]
+
+    def forward(self, x: torch.Tensor, budget: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.stem(x)
+        return h, self.gate(h, budget)
+
+
+class _BlockSegment(nn.Module):
+    def __init__(self, deploy: GatedDeploy, i: int, j: int) -> None:
+        super().__init__()
+        self.branch = cast(nn.ModuleList, deploy.branches[i])[j]
+        self.shortcut = deploy.shortcuts[i]
+        self.last = i == len(deploy.branches) - 1
+        self.next: nn.Module = deploy.head if self.last else deploy.gates[i + 1]
+
+    def forward(self, h: torch.Tensor, budget: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        h = self.branch(h, self.shortcut(h))
+        if self.last:
+            return (self.next(h),)
+        return h, self.next(h, budget)
+
+
+def gating_spec(net: SlimNet) -> Gating:
+    """The manifest's description of ``net``'s gated blocks."""
+    return Gating(
+        blocks=tuple(
+            GatedBlock(name=name, widths=cast(SlimBlock, b).widths, macs=tuple(m))
+            for name, b, m in zip(net.names, net.blocks, net.block_macs, strict=True)
+        ),
+        fixed_macs=net.fixed_macs,
+    )
+
+
+def sink_initializers(model: object) -> int:
+    """Move every initializer used only inside one ``If`` branch into that branch, recursively.
+
+    Returns how many moved. Works on an ``onnx.ModelProto`` in place.
+    """
+    import onnx
+
+    def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+        out = []
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                out.append(a.g)
+            out.extend(a.graphs)
+        return out
+
+    def used(graph: onnx.GraphProto) -> set[str]:
+        names: set[str] = set()
+        for node in graph.node:
+            names.update(node.input)
+            for g in subgraphs(node):
+                names |= used(g)
+        return names
+
+    def sink(graph: onnx.GraphProto) -> int:
+        here: set[str] = set()
+        users: dict[str, list[onnx.GraphProto]] = {}
+        for node in graph.node:
+            here.update(node.input)
+            for g in subgraphs(node):
+                for name in used(g):
+                    users.setdefault(name, []).append(g)
+        keep, moved = [], 0
+        for init in graph.initializer:
+            owners = {id(g): g for g in users.get(init.name, [])}
+            if init.name not in here and len(owners) == 1:
+                next(iter(owners.values())).initializer.append(init)
+                moved += 1
+            else:
+                keep.append(init)
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+        for node in graph.node:
+            for g in subgraphs(node):
+                moved += sink(g)
+        return moved
+
+    return sink(cast(onnx.ModelProto, model).graph)
+
+
+def export_gated_onnx(
+    deploy: GatedDeploy, example: torch.Tensor, path: Path, *, budget: BudgetInput, widths_output: str
+) -> None:
+    """``deploy`` -> ONNX with ``If`` nodes, branch weights sunk into their branches -> ``path``."""
+    import onnx
+
+    b = torch.tensor(budget.default, dtype=torch.float32)
+    try:
+        program = torch.export.export(deploy.eval(), (example[:1], b), strict=True)
+        with _quiet():
+            onnx_program = torch.onnx.export(
+                program,
+                dynamo=True,
+                input_names=["input", budget.name],
+                output_names=["logits", widths_output],
+                optimize=True,
+                verbose=False,
+            )
+        model = onnx_program.model_proto
+        moved = sink_initializers(model)
+        onnx.checker.check_model(model)
+        onnx.save(model, str(path))
+    except Exception as exc:
+        raise ExportError(f"gated ONNX export failed: {type(exc).__name__}: {str(exc)[:500]}") from exc
+    log.info("gated onnx: moved %d branch weights into their branches", moved)
+
+
+def export_gated_pte(deploy: GatedDeploy, example: torch.Tensor, path: Path) -> None:
+    """``deploy`` -> one ``.pte`` with a method per segment, all lowered to XNNPACK together."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    deploy = deploy.eval()
+    b = torch.tensor(0.0)
+    try:
+        with torch.no_grad():
+            x = example[:1].contiguous()
+            programs = {"stem": torch.export.export(_StemSegment(deploy).eval(), (x, b), strict=False)}
+            h = deploy.stem(x)
+            for i, branches in enumerate(deploy.branches):
+                for j in range(len(cast(nn.ModuleList, branches))):
+                    seg = _BlockSegment(deploy, i, j).eval()
+                    programs[f"block{i}_w{j}"] = torch.export.export(seg, (h, b), strict=False)
+                h = cast(nn.ModuleList, branches)[-1](h, deploy.shortcuts[i](h))
+            lowered = to_edge_transform_and_lower(
+                programs, partitioner=[XnnpackPartitioner()]
+            ).to_executorch()
+    except Exception as exc:
+        raise ExportError(f"gated ExecuTorch export failed: {type(exc).__name__}: {str(exc)[:500]}") from exc
+    path.write_bytes(lowered.buffer)
+
+
+EXPORTERS: dict[Runtime, str] = {"onnx": ".onnx", "executorch": ".pte"}
+
+
+def export_gated(
+    deploy: GatedDeploy,
+    example: torch.Tensor,
+    path: Path,
+    runtime: Runtime,
+    *,
+    gating: Gating,
+    budget: BudgetInput,
+) -> None:
+    """Export ``deploy`` for ``runtime`` to ``path``."""
+    if runtime == "onnx":
+        export_gated_onnx(deploy, example, path, budget=budget, widths_output=gating.widths_output)
+    else:
+        export_gated_pte(deploy, example, path)
+
+
+def gated_runner(
+    path: Path, runtime: Runtime, *, gating: Gating, budget: BudgetInput, threads: int = 1
+) -> Callable[[np.ndarray, float], tuple[np.ndarray, tuple[int, ...]]]:
+    """``(x, budget) -> (logits, width indices)`` through the agent's runtime facade, as a device runs it."""
+    return make_backend(runtime, threads=threads).load_gated(path, gating=gating, budget=budget).run
+
+
+@torch.no_grad()
+def verify_gated(
+    deploy: GatedDeploy,
+    path: Path,
+    runtime: Runtime,
+    inputs: torch.Tensor,
+    budgets: Sequence[float],
+    *,
+    gating: Gating,
+    budget: BudgetInput,
+    atol: float = 1e-4,
+) -> float:
+    """Every input at every budget: the file picks the same widths as eager and its logits are within
+    ``atol``; raises :class:`VerificationError` otherwise. Returns the largest difference seen."""
+    try:
+        run = gated_runner(path, runtime, gating=gating, budget=budget)
+    except Exception as exc:
+        raise VerificationError(f"{path.name} does not load in {runtime}: {exc}") from exc
+    deploy.eval()
+    worst = 0.0
+    for b in budgets:
+        for i in range(inputs.shape[0]):
+            x = inputs[i : i + 1].contiguous()
+            expected, picks = deploy(x, torch.tensor(b, dtype=torch.float32))
+            got, got_picks = run(x.numpy(), b)
+            if tuple(int(p) for p in picks) != tuple(got_picks):
+                raise VerificationError(
+                    f"{path.name} in {runtime} picks widths {got_picks} at budget {b}, eager {picks.tolist()}"
+                )
+            worst = max(worst, float(np.abs(got - expected.numpy()).max()))
+    if not worst <= atol:
+        raise VerificationError(f"{path.name} differs from eager by {worst:.3g} in {runtime} (limit {atol})")
+    return worst

@@ -1,0 +1,240 @@
+"""Input-dependent channel gating: surgery, training, both deployment forms, the agent running them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from agent.bundle import open_bundle
+from agent.contract import BundleManifest, Readings
+from agent.policy import Policy, PolicyConfig
+from agent.runtime import ModelServer, make_backend
+from agent.signing import KeyPair, load_public_key
+from compiler.gating.deploy import GatedDeploy, sink_initializers
+from compiler.gating.slim import GatingError, SlimNet, gating_parts, order_channels, width_choices
+from compiler.gating.train import GateTrainConfig
+from compiler.pipeline import CompileResult
+from compiler.reference import BasicBlock
+from tests.conftest import options
+from tests.tiny_models import Residual, small_reference
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    net = small_reference()
+    # non-trivial batch-norm statistics, so folding and channel order matter
+    net.train()
+    with torch.no_grad():
+        for _ in range(3):
+            net(torch.randn(16, 1, 28, 28))
+    return net.eval()
+
+
+def test_width_choices_are_aligned_and_end_at_full() -> None:
+    assert width_choices(128, (0.25, 0.5, 0.75, 1.0)) == (32, 64, 96, 128)
+    assert width_choices(64, (0.25, 0.5, 0.75, 1.0)) == (16, 32, 48, 64)
+    assert width_choices(12, (0.25, 0.5, 1.0)) == (3, 6, 12)
+
+
+def test_ordering_channels_keeps_the_function() -> None:
+    torch.manual_seed(0)
+    block = BasicBlock(8, 16, stride=2).train()
+    block(torch.randn(8, 8, 12, 12))
+    block.eval()
+    x = torch.randn(2, 8, 12, 12)
+    before = block(x)
+    order_channels(block)
+    score = block.bn1.weight.abs() * block.conv2.weight.abs().sum(dim=(0, 2, 3))
+    assert torch.all(score[:-1] >= score[1:]), "not sorted by importance"
+    assert torch.allclose(block(x), before, atol=1e-5)
+
+
+def test_full_width_equals_the_dense_model() -> None:
+    net = _net()
+    x = torch.randn(4, 1, 28, 28)
+    slim = SlimNet(net, x[:1]).eval()
+    assert torch.allclose(slim(x), net(x), atol=1e-5)
+    _, share, picks = slim.gated(x, 1.0)
+    assert share.shape == (4,) and picks.shape == (4, 3)
+
+
+def test_narrower_widths_cost_fewer_macs() -> None:
+    slim = SlimNet(_net(), torch.zeros(1, 1, 28, 28))
+    for macs in slim.block_macs:
+        assert macs == sorted(macs) and macs[0] < macs[-1]
+
+
+def test_a_larger_budget_never_picks_narrower_widths() -> None:
+    slim = SlimNet(_net(), torch.zeros(1, 1, 28, 28)).eval()
+    torch.manual_seed(1)
+    for gate in slim.gates:
+        nn.init.normal_(gate.weight, std=2.0)
+        nn.init.normal_(gate.bias, std=2.0)
+    x = torch.randn(16, 1, 28, 28)
+    previous = None
+    for budget in np.linspace(0.0, 1.0, 11):
+        _, share, _ = slim.gated(x, float(budget))
+        if previous is not None:
+            assert torch.all(share >= previous - 1e-6)
+        previous = share
+
+
+def test_model_without_blocks_is_refused_with_a_hint() -> None:
+    with pytest.raises(GatingError, match="does not say where its residual blocks are") as info:
+        gating_parts(Residual())
+    assert "gating_parts" in (info.value.hint or "")
+
+
+def test_eager_deployment_form_matches_the_gated_net() -> None:
+    slim = SlimNet(_net(), torch.zeros(1, 1, 28, 28)).eval()
+    torch.manual_seed(2)
+    for gate in slim.gates:
+        nn.init.normal_(gate.weight, std=1.0)
+    deploy = GatedDeploy(slim).eval()
+    x = torch.randn(8, 1, 28, 28)
+    for budget in (0.0, 0.3, 0.6, 1.0):
+        for i in range(8):
+            logits, _, picks = slim.gated(x[i : i + 1], budget)
+            got, got_picks = deploy(x[i : i + 1], torch.tensor(budget))
+            assert got_picks.tolist() == picks[0].tolist()
+            assert torch.allclose(got, logits, atol=1e-4)
+
+
+def test_sinking_moves_branch_weights_into_their_branch() -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    w = helper.make_tensor("w", TensorProto.FLOAT, [1], [2.0])
+    shared = helper.make_tensor("s", TensorProto.FLOAT, [1], [3.0])
+    then = helper.make_graph(
+        [helper.make_node("Mul", ["x", "w"], ["t"])], "then", [], [helper.make_tensor_value_info("t", 1, [1])]
+    )
+    other = helper.make_graph(
+        [helper.make_node("Mul", ["x", "s"], ["e"])], "else", [], [helper.make_tensor_value_info("e", 1, [1])]
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node("Add", ["x", "s"], ["y0"]),
+            helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other),
+        ],
+        "g",
+        [
+            helper.make_tensor_value_info("x", 1, [1]),
+            helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+        ],
+        [helper.make_tensor_value_info("y", 1, [1])],
+        initializer=[w, shared],
+    )
+    model = helper.make_model(graph)
+    assert sink_initializers(model) == 1
+    assert [i.name for i in model.graph.initializer] == ["s"]  # also used outside: stays
+    branches = {a.name: a.g for a in model.graph.node[1].attribute}
+    assert [i.name for i in branches["then_branch"].initializer] == ["w"]
+    assert not branches["else_branch"].initializer
+    onnx.checker.check_model(model)
+
+
+# ------------------------------------------------------------------ the whole compile with --gated
+
+
+@pytest.fixture(scope="module")
+def gated_bundle(
+    tmp_path_factory: pytest.TempPathFactory, npz_data: Path, signing_keys: KeyPair
+) -> CompileResult:
+    from compiler.pipeline import compile_bundle
+
+    old = os.environ.get("EDGEPRUNE_CACHE")
+    os.environ["EDGEPRUNE_CACHE"] = str(tmp_path_factory.mktemp("gated-cache"))
+    try:
+        opts = options(
+            tmp_path_factory.mktemp("gated") / "b",
+            signing_keys,
+            npz_data,
+            model="tests.tiny_models:small_reference",
+            gated=True,
+            gate=GateTrainConfig(slim_epochs=1, gate_epochs=1, batch_size=64),
+        )
+        return compile_bundle(opts)
+    finally:
+        if old is None:
+            os.environ.pop("EDGEPRUNE_CACHE", None)
+        else:
+            os.environ["EDGEPRUNE_CACHE"] = old
+
+
+@pytest.mark.export
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # the module fixture compiles a bundle with a gated variant (~2 min on 2 cores)
+def test_gated_variant_is_in_the_bundle_with_its_curve(
+    gated_bundle: CompileResult, signing_keys: KeyPair
+) -> None:
+    manifest = open_bundle(gated_bundle.out, public_key=load_public_key(signing_keys.public))
+    assert [v.name for v in manifest.variants][:2] == ["dense", "gated"]
+    gated = manifest.variant("gated")
+    assert gated.kind == "gated" and gated.budget is not None and gated.gating is not None
+    assert {f.runtime for f in gated.files} == {"onnx", "executorch"}
+    budgets = [p.budget for p in gated.budget_curve]
+    assert (
+        budgets == sorted(budgets)
+        and gated.budget.minimum == budgets[0]
+        and gated.budget.maximum == budgets[-1]
+    )
+    assert gated.budget.default in budgets
+    for point in gated.budget_curve:
+        assert set(point.latency) == {"onnx", "executorch"}
+        assert 0.0 < point.density <= 1.0
+    macs = [p.macs for p in gated.budget_curve]
+    assert macs == sorted(macs), "more budget must never mean less compute"
+    report = (gated_bundle.out / "report" / "report.md").read_text()
+    assert "gated: accuracy, compute and latency by budget" in report
+
+
+@pytest.mark.export
+@pytest.mark.slow
+@pytest.mark.parametrize("runtime", ["onnx", "executorch"])
+def test_agent_serves_the_gated_variant_at_any_budget(
+    gated_bundle: CompileResult, signing_keys: KeyPair, runtime: str
+) -> None:
+    manifest = open_bundle(gated_bundle.out, public_key=load_public_key(signing_keys.public))
+    server = ModelServer(gated_bundle.out, manifest, make_backend(runtime), preload=["gated"])
+    server.switch("gated")
+    gating = manifest.variant("gated").gating
+    assert gating is not None
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (6, 28, 28), dtype=np.uint8)
+    for image in images:
+        low = server.infer(image, budget=0.25)
+        high = server.infer(image, budget=1.0)
+        assert low.widths is not None and high.widths is not None
+        assert all(a <= b for a, b in zip(low.widths, high.widths, strict=True))
+        assert low.macs <= high.macs and low.macs == gating.realised(low.widths)[0]
+        clamped = server.infer(image, budget=99.0)
+        assert clamped.budget == manifest.variant("gated").budget.maximum  # type: ignore[union-attr]
+        default = server.infer(image)
+        assert default.budget == manifest.variant("gated").budget.default  # type: ignore[union-attr]
+
+
+@pytest.mark.export
+@pytest.mark.slow
+def test_policy_turns_the_budget_down_under_pressure(gated_bundle: CompileResult) -> None:
+    # On fixture data every budget scores alike, so the compiler rightly picks the smallest as default;
+    # a real bundle's default sits higher. Start from the top to see the policy turn it down.
+    manifest: BundleManifest = gated_bundle.manifest
+    gated = manifest.variant("gated")
+    assert gated.budget is not None
+    top = gated.model_copy(
+        update={"budget": gated.budget.model_copy(update={"default": gated.budget.maximum})}
+    )
+    manifest = manifest.model_copy(
+        update={"variants": tuple(top if v.name == "gated" else v for v in manifest.variants)}
+    )
+    policy = Policy(manifest, PolicyConfig(min_dwell_s=0.0, pinned_variant="gated"))
+    calm = policy.decide(Readings(battery_pct=90.0, charging=False), now=0.0)
+    low = policy.decide(Readings(battery_pct=15.0, charging=False), now=1.0)
+    assert calm.variant == low.variant == "gated"
+    assert calm.budget is not None and low.budget is not None and low.budget < calm.budget
