@@ -203,7 +203,7 @@ class _ExecutorchGated:
     """The dispatcher of a multi-method gated ``.pte``: ``stem``, then per block the method the previous
     segment's gate named (``block{i}_w{j}``); see :class:`agent.contract.Gating`."""
 
-    __slots__ = ("_blocks", "_from_numpy", "_lock", "_stem", "_tensor")
+    __slots__ = ("_blocks", "_f32", "_from_numpy", "_lock", "_stem", "_tensor")
 
     def __init__(self, program: Any, path: Path, gating: Gating, torch_mod: Any) -> None:
         names = set(program.method_names)
@@ -219,10 +219,11 @@ class _ExecutorchGated:
         ]
         self._from_numpy: Callable[[np.ndarray], Any] = torch_mod.from_numpy
         self._tensor: Callable[..., Any] = torch_mod.tensor
+        self._f32: Any = torch_mod.float32
         self._lock = threading.Lock()
 
     def run(self, x: np.ndarray, budget: float) -> tuple[np.ndarray, tuple[int, ...]]:
-        b = self._tensor(budget, dtype=self._from_numpy(np.zeros(0, np.float32)).dtype)
+        b = self._tensor(budget, dtype=self._f32)
         picks = []
         with self._lock:
             out = self._stem.execute([self._from_numpy(x), b])
