@@ -34,7 +34,26 @@ def add_agent_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     run.add_argument("--bundle", type=Path, required=True, help="bundle directory")
-    run.add_argument("--broker", required=True, help="mqtt://HOST[:PORT]")
+    run.add_argument(
+        "--broker",
+        required=True,
+        help="mqtt://[USER@]HOST[:PORT] or mqtts://... for TLS (user name defaults to --device-id)",
+    )
+    run.add_argument(
+        "--password-file",
+        type=Path,
+        default=None,
+        help="file holding this device's broker password (from the fleet's provisioning; chmod 600)",
+    )
+    run.add_argument(
+        "--password-env", default=None, metavar="VAR", help="environment variable holding the broker password"
+    )
+    run.add_argument(
+        "--ca-file",
+        type=Path,
+        default=None,
+        help="CA certificate that signed the broker's (mqtts:// only; default: the system's CAs)",
+    )
     run.add_argument("--device-id", required=True)
     run.add_argument("--state-dir", type=Path, required=True, help="outbox, sequence counter, desired state")
     run.add_argument(
@@ -94,6 +113,9 @@ def _run(args: argparse.Namespace) -> int:
         metrics_period_s=args.metrics_period,
         heartbeat_period_s=args.heartbeat_period,
         shadow_rate=args.shadow_rate,
+        broker_password_file=args.password_file,
+        broker_password_env=args.password_env,
+        broker_ca_file=args.ca_file,
     )
     agent = Agent(config)
     agent.start()

@@ -35,7 +35,6 @@ import numpy as np
 import paho.mqtt.client as mqtt
 
 from agent import __version__
-from agent.bundle import open_bundle
 from agent.contract import (
     CHANNELS,
     Birth,
@@ -52,17 +51,21 @@ from agent.contract import (
     Readings,
     Scalar,
     Status,
+    UpdateInstruction,
+    UpdateState,
+    UpdateStatus,
     device_topic,
     envelope,
     parse_message,
 )
 from agent.errors import UserError
-from agent.mqtt import make_client, parse_broker_url
+from agent.mqtt import make_client, parse_broker_url, resolve_address
 from agent.outbox import Outbox, OutboxError
 from agent.policy import Decision, Policy, PolicyConfig
 from agent.runtime import Inference, ModelServer, make_backend
 from agent.sensors import SensorSource, SystemSensors
 from agent.signing import load_public_key
+from agent.updater import HealthSample, Updater, UpdaterConfig, open_for_runtime
 
 __all__ = ["Agent", "AgentConfig"]
 
@@ -92,6 +95,14 @@ class AgentConfig:
     reconnect_max_s: int = 30
     memory_cap_mb: float | None = None
     seed: int | None = None
+    updater: UpdaterConfig = field(default_factory=UpdaterConfig)
+    loop_period_s: float = 0.05  # how often the agent's thread wakes; raised by the simulator for scale
+    # Broker credentials (see agent.mqtt.resolve_address): the user name is the URL's or else device_id;
+    # the password from a file (0600) or an environment variable rather than the URL; the CA that
+    # signed the broker's certificate for mqtts:// URLs (else the system's CAs).
+    broker_password_file: Path | None = None
+    broker_password_env: str | None = None
+    broker_ca_file: Path | None = None
 
 
 @dataclass
@@ -101,6 +112,7 @@ class _Window:
     started: float
     latencies: list[float] = field(default_factory=list)
     macs: float = 0.0
+    density: float = 0.0
     errors: int = 0
     shadow_runs: int = 0
     shadow_agree: int = 0
@@ -109,17 +121,36 @@ class _Window:
 class Agent:
     """See the module docstring. Thread-safe: :meth:`infer` may be called from any thread."""
 
-    def __init__(self, config: AgentConfig, *, sensors: SensorSource | None = None) -> None:
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        sensors: SensorSource | None = None,
+        server: ModelServer | None = None,
+    ) -> None:
+        """``server``: serve through this model server instead of loading the bundle again (the simulator
+        gives many agents in one process views of one shared server); it must serve ``config.bundle``."""
         self.config = config
         self.sensors: SensorSource = sensors if sensors is not None else SystemSensors()
         self._address = parse_broker_url(config.broker_url)
         self._public_key = load_public_key(config.public_key)
-        self.manifest: BundleManifest = open_bundle(config.bundle, public_key=self._public_key)
         self._backend = make_backend(config.backend, threads=config.threads)
-        self.server = ModelServer(
-            config.bundle, self.manifest, self._backend, memory_cap_mb=config.memory_cap_mb
-        )
         config.state_dir.mkdir(parents=True, exist_ok=True)
+        # The updater first: a restart inside an update settles (resume or roll back) before anything loads.
+        self.updater = Updater(
+            config.state_dir, public_key=self._public_key, runtime=self._backend.name, config=config.updater
+        )
+        self.bundle_path = self.updater.recover(config.bundle)
+        self.manifest: BundleManifest = open_for_runtime(
+            self.bundle_path, public_key=self._public_key, runtime=self._backend.name
+        )
+        self.server = (
+            server
+            if server is not None
+            else ModelServer(
+                self.bundle_path, self.manifest, self._backend, memory_cap_mb=config.memory_cap_mb
+            )
+        )
         self.outbox = Outbox(config.state_dir / "outbox.sqlite")
         self.policy = Policy(self.manifest, config.policy, runtime=self._backend.name)
         self._desired_path = config.state_dir / "desired.json"
@@ -137,12 +168,25 @@ class Agent:
         self.decision: Decision | None = None
         self.readings = Readings()
         self._client = self._make_client()
+        self._health_lock = threading.Lock()
+        self._health: list[tuple[bool, float]] = []  # (failed, latency_ms) per inference, for the updater
+        self._health_base = 0
+        self._update_thread: threading.Thread | None = None
+        self._next_update: UpdateInstruction | None = None
+        self.updater.attach(self)
         self._restore_desired()
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
     def _make_client(self) -> mqtt.Client:
-        client = make_client(self.config.device_id)
+        address = resolve_address(
+            self.config.broker_url,
+            username=self.config.device_id,
+            password_file=self.config.broker_password_file,
+            password_env=self.config.broker_password_env,
+            ca_file=self.config.broker_ca_file,
+        )
+        client = make_client(self.config.device_id, address)
         will = Status(
             **envelope(device_id=self.config.device_id, seq=self.outbox.next_seq()),
             state="offline",
@@ -172,12 +216,17 @@ class Agent:
         self._client.loop_start()
         self._thread = threading.Thread(target=self._loop, name=f"agent-{self.config.device_id}", daemon=True)
         self._thread.start()
+        if self.updater.pending() or self._next_update is not None:
+            self._start_update(None)
 
     def stop(self, *, flush_timeout_s: float = 5.0) -> None:
         """Clean shutdown: last metrics, an offline status, flush the outbox, disconnect, close."""
         self._stop.set()
+        self.updater.halt()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        if self._update_thread is not None:
+            self._update_thread.join(timeout=30)
         self._flush_metrics(time.monotonic())
         self._event("stopping", "agent stopping")
         self._send_status("offline")
@@ -209,7 +258,7 @@ class Agent:
         """
         current = f"{self.manifest.model_id} {self.manifest.bundle_version}"
         try:
-            manifest = open_bundle(bundle, public_key=self._public_key)
+            manifest = open_for_runtime(bundle, public_key=self._public_key, runtime=self._backend.name)
             server = ModelServer(bundle, manifest, self._backend, memory_cap_mb=self.config.memory_cap_mb)
             policy = Policy(manifest, self.policy.config, runtime=self._backend.name)
         except UserError as exc:
@@ -221,6 +270,7 @@ class Agent:
             raise
         with self._lock:
             self.server, self.manifest, self.policy = server, manifest, policy
+            self.bundle_path = bundle
         self._event(
             "bundle_loaded",
             f"now serving {manifest.model_id} {manifest.bundle_version} (was {current})",
@@ -230,17 +280,146 @@ class Agent:
         self._tick_policy(time.monotonic(), force=True)
         return manifest
 
+    # ---- updates (the host side of agent.updater.Updater) ----------------------------------------
+
+    def _start_update(self, instruction: UpdateInstruction | None) -> None:
+        """Queue ``instruction`` (``None``: resume an interrupted one) for the update worker thread.
+
+        An update to the bundle already served, or one this updater already finished, is a no-op; a
+        newer instruction cancels a running one that is not yet activated, then runs."""
+        if instruction is not None:
+            target = instruction.target
+            rec = self.updater.record
+            if (target.model_id, target.bundle_version) == (
+                self.manifest.model_id,
+                self.manifest.bundle_version,
+            ) and not self.updater.pending():
+                log.info("update %s: already serving %s", instruction.update_id, target.bundle_version)
+                return
+            if rec.update_id == instruction.update_id:
+                if not self.updater.pending():
+                    log.info("update %s is %s already", instruction.update_id, rec.state)
+                    return  # ended (the fleet retries with a new update_id) or activating right now
+                instruction = None  # the same update, interrupted or running: resume it / let it run
+        with self._lock:
+            if instruction is not None:
+                self._next_update = instruction
+                self.updater.cancel()
+            if self._thread is None:
+                return  # start() spawns the worker
+            if self._update_thread is None or not self._update_thread.is_alive():
+                self._update_thread = threading.Thread(
+                    target=self._update_worker, name=f"updater-{self.config.device_id}", daemon=True
+                )
+                self._update_thread.start()
+
+    def _update_worker(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                instruction, self._next_update = self._next_update, None
+            try:
+                if instruction is None:
+                    if not self.updater.pending():
+                        with self._lock:
+                            if self._next_update is None:
+                                return
+                        continue
+                    self.updater.resume(self, current=self.bundle_path)
+                elif (instruction.target.model_id, instruction.target.bundle_version) == (
+                    self.manifest.model_id,
+                    self.manifest.bundle_version,
+                ) or instruction.update_id == self.updater.record.update_id:
+                    continue
+                else:
+                    self.updater.run(instruction, self, current=self.bundle_path)
+            except Exception as exc:  # never let the worker die silently
+                log.exception("updater error")
+                self._safe_event("error", f"updater error: {type(exc).__name__}: {exc}", severity="error")
+                return
+
+    def activate(self, bundle: Path) -> BundleManifest:
+        """Serve ``bundle`` (the updater's activation and rollback step)."""
+        if bundle.resolve() == self.bundle_path.resolve() and self.manifest == open_for_runtime(
+            bundle, public_key=self._public_key, runtime=self._backend.name
+        ):
+            return self.manifest
+        return self.load_bundle(bundle)
+
+    def self_test(self) -> float:
+        """One fixed input (mid-grey) through every served variant; raise on a bad output; slowest ms."""
+        server = self.server
+        image = np.full(self.manifest.input.shape, 128, np.uint8)
+        slowest = 0.0
+        for name in server.available:
+            result = server.infer(image, variant=name)
+            if (
+                result.logits.shape != (1, len(self.manifest.input.class_names))
+                or not np.isfinite(result.logits).all()
+            ):
+                raise UserError(f"self-test of variant {name} gave a bad output {result.logits.shape}")
+            slowest = max(slowest, result.latency_ms)
+        return slowest
+
+    def _note_health(self, *, failed: bool, latency_ms: float) -> None:
+        with self._health_lock:
+            self._health.append((failed, latency_ms))
+            if len(self._health) > 10_000:
+                drop = len(self._health) - 5_000
+                del self._health[:drop]
+                self._health_base += drop
+
+    def health_mark(self) -> int:
+        with self._health_lock:
+            return self._health_base + len(self._health)
+
+    def health_since(self, mark: int) -> HealthSample:
+        with self._health_lock:
+            seen = self._health[max(mark - self._health_base, 0) :]
+        latencies = [lat for failed, lat in seen if not failed]
+        p90 = float(np.percentile(latencies, 90)) if latencies else None
+        return HealthSample(inferences=len(seen), errors=sum(f for f, _ in seen), p90_ms=p90)
+
+    def publish(self, state: UpdateState, record: dict[str, Any]) -> None:
+        """Send the updater's state change as an UpdateStatus (and an error event when it failed)."""
+        instruction = record.get("instruction")
+        if instruction is None:
+            return
+        target = UpdateInstruction.model_validate(instruction).target
+        error = record.get("error") if state in ("failed", "rolling_back", "rolled_back") else None
+        self._send(
+            "update",
+            UpdateStatus(
+                **self._env(),
+                update_id=record["update_id"],
+                target=target,
+                state=state,
+                bytes_done=record.get("bytes_done") or 0,
+                bytes_total=record.get("bytes_total"),
+                error=error,
+            ),
+        )
+        if state in ("failed", "rolling_back"):
+            self._event(
+                "error",
+                f"update {record['update_id']} to {target.bundle_version}: {state}: {error}",
+                severity="error",
+                data={"update_id": record["update_id"], "state": state},
+            )
+
     # ---- inference -------------------------------------------------------------------------------
 
     def infer(self, x: np.ndarray) -> Inference:
         """Run one input on the variant the policy chose; optionally shadow-run dense to measure agreement."""
         server = self.server  # one bundle for this whole inference, even if load_bundle swaps it now
         try:
-            result = server.infer(x)
+            decision = self.decision
+            result = server.infer(x, budget=decision.budget if decision is not None else None)
         except Exception:
             with self._lock:
                 self._window.errors += 1
+            self._note_health(failed=True, latency_ms=0.0)
             raise
+        self._note_health(failed=False, latency_ms=result.latency_ms)
         shadow = None
         if (
             self.config.shadow_rate
@@ -251,6 +430,7 @@ class Agent:
         with self._lock:
             self._window.latencies.append(result.latency_ms)
             self._window.macs += result.macs
+            self._window.density += result.density
             if shadow is not None:
                 self._window.shadow_runs += 1
                 self._window.shadow_agree += int(shadow.label == result.label)
@@ -289,7 +469,7 @@ class Agent:
             except Exception as exc:  # the daemon's top loop: report, keep serving
                 log.exception("agent loop error")
                 self._safe_event("error", f"agent loop error: {type(exc).__name__}: {exc}", severity="error")
-            self._stop.wait(0.05)
+            self._stop.wait(self.config.loop_period_s)
 
     def _tick_policy(self, now: float, *, force: bool = False) -> None:
         self.readings = self.sensors.read()
@@ -333,7 +513,7 @@ class Agent:
                 errors=window.errors,
                 latency=latency,
                 mean_macs=window.macs / n if n else None,
-                mean_density=1.0 if n else None,
+                mean_density=window.density / n if n else None,
                 active_variant=self.server.active,
                 budget=self.decision.budget if self.decision else None,
                 readings=self.readings,
@@ -392,7 +572,10 @@ class Agent:
             with tmp.open("rb") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, self._desired_path)
-        note = "" if desired.update is None else "; the update instruction waits for the updater (issue #6)"
+        note = ""
+        if desired.update is not None:
+            note = f"; update {desired.update.update_id} to {desired.update.target.bundle_version}"
+            self._start_update(desired.update)
         self._event(
             "desired_applied",
             f"applied desired state revision {desired.revision}{note}",

@@ -98,7 +98,7 @@ def _cmd_contract_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_bundle_inspect(args: argparse.Namespace) -> int:
-    from agent.bundle import open_bundle
+    from agent.bundle import file_sha256, open_bundle
     from agent.signing import load_public_key
 
     key = load_public_key(args.public_key) if args.public_key else None
@@ -108,6 +108,8 @@ def _cmd_bundle_inspect(args: argparse.Namespace) -> int:
     print(
         f"{m.model_id} {m.bundle_version}: {len(m.variants)} variant(s), {signed}, {checked}, all files match"
     )
+    digest = file_sha256(args.bundle / "manifest.json")
+    print(f"manifest.json sha256 {digest} (what UpdateInstruction.manifest_sha256 names)")
     print(
         f"input {m.input.name} {list(m.input.shape)} {m.input.dtype} {m.input.layout}, "
         f"{len(m.input.class_names)} classes; made {m.created.created_at:%Y-%m-%d %H:%M} UTC from "
@@ -121,6 +123,25 @@ def _cmd_bundle_inspect(args: argparse.Namespace) -> int:
         files = ", ".join(f"{f.path} ({f.size_bytes / 1e6:.2f} MB)" for f in v.files)
         size = f"{v.macs / 1e6:>8.2f}M{v.params / 1e3:>8.0f}k"
         print(f"{v.name:<12}{v.kind:<8}{size}{acc:>10}{lat[0]:>9}{lat[1]:>9}  {files}")
+    return 0
+
+
+def _cmd_bundle_diff(args: argparse.Namespace) -> int:
+    from agent.delta import make_update
+
+    variants = None if not args.variants else [v for v in args.variants.split(",") if v]
+    update = make_update(args.old, args.new, args.out, variants=variants)
+    print(f"{update.model_id} {update.from_version} -> {update.to_version}: update written to {args.out}")
+    print(f"{'file':<28}{'method':<11}{'base':<24}{'full bytes':>12}{'wire bytes':>12}{'ratio':>8}")
+    for f in update.files:
+        base = f.base_path or "-"
+        ratio = f.artifact_size / f.target_size if f.target_size else 0.0
+        print(f"{f.path:<28}{f.method:<11}{base:<24}{f.target_size:>12}{f.artifact_size:>12}{ratio:>8.1%}")
+    wire = update.wire_bytes() + (args.out / "update.json").stat().st_size
+    print(
+        f"total: {wire} bytes on the wire (artifacts + update.json) vs {update.full_bytes} for the full new "
+        f"bundle = {wire / update.full_bytes:.1%}"
+    )
     return 0
 
 
@@ -140,6 +161,39 @@ def _cmd_bundle_unpack(args: argparse.Namespace) -> int:
     m = unpack_bundle(args.archive, args.out, public_key=key)
     print(f"unpacked {m.model_id} {m.bundle_version} into {args.out}")
     return 0
+
+
+def _add_bundle_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    bundle = sub.add_parser("bundle", help="inspect, diff, pack and unpack bundles")
+    bundle_sub = bundle.add_subparsers(dest="bundle_command", required=True, metavar="ACTION")
+    inspect = bundle_sub.add_parser("inspect", help="check every file of a bundle and show its variants")
+    inspect.add_argument("bundle", type=Path)
+    inspect.add_argument(
+        "--public-key", type=Path, default=None, help="also verify the signature with this key"
+    )
+    inspect.set_defaults(func=_cmd_bundle_inspect)
+    diff = bundle_sub.add_parser(
+        "diff",
+        help="write the update artifact that turns bundle OLD into NEW; print bytes per file",
+        description="Per file of NEW: unchanged, whole-file zstd, zstd against an OLD file (like "
+        "--patch-from), XOR of same-size files, or the float grid delta, whichever is smallest.",
+    )
+    diff.add_argument("old", type=Path)
+    diff.add_argument("new", type=Path)
+    diff.add_argument("--out", type=Path, required=True, help="directory for update.json and files/")
+    diff.add_argument(
+        "--variants", default="", help="comma-separated variants of NEW to include (default all)"
+    )
+    diff.set_defaults(func=_cmd_bundle_diff)
+    pack = bundle_sub.add_parser("pack", help="write a bundle directory as one .tar file")
+    pack.add_argument("bundle", type=Path)
+    pack.add_argument("--out", type=Path, required=True)
+    pack.set_defaults(func=_cmd_bundle_pack)
+    unpack = bundle_sub.add_parser("unpack", help="extract and check a bundle .tar file")
+    unpack.add_argument("archive", type=Path)
+    unpack.add_argument("--out", type=Path, required=True)
+    unpack.add_argument("--public-key", type=Path, default=None)
+    unpack.set_defaults(func=_cmd_bundle_unpack)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -196,23 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     validate.set_defaults(func=_cmd_contract_validate)
 
-    bundle = sub.add_parser("bundle", help="inspect, pack and unpack bundles")
-    bundle_sub = bundle.add_subparsers(dest="bundle_command", required=True, metavar="ACTION")
-    inspect = bundle_sub.add_parser("inspect", help="check every file of a bundle and show its variants")
-    inspect.add_argument("bundle", type=Path)
-    inspect.add_argument(
-        "--public-key", type=Path, default=None, help="also verify the signature with this key"
-    )
-    inspect.set_defaults(func=_cmd_bundle_inspect)
-    pack = bundle_sub.add_parser("pack", help="write a bundle directory as one .tar file")
-    pack.add_argument("bundle", type=Path)
-    pack.add_argument("--out", type=Path, required=True)
-    pack.set_defaults(func=_cmd_bundle_pack)
-    unpack = bundle_sub.add_parser("unpack", help="extract and check a bundle .tar file")
-    unpack.add_argument("archive", type=Path)
-    unpack.add_argument("--out", type=Path, required=True)
-    unpack.add_argument("--public-key", type=Path, default=None)
-    unpack.set_defaults(func=_cmd_bundle_unpack)
+    _add_bundle_parser(sub)
 
     from agent.cli import add_agent_parser
     from compiler.cli import add_compile_parser, add_keys_parser
