@@ -16,6 +16,7 @@ say() { printf '==> %s\n' "$*"; }
 # --- Debian packages -----------------------------------------------------------------------------
 need=()
 if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then need+=(mosquitto); fi
+if ! command -v chromium >/dev/null 2>&1; then need+=(chromium); fi  # the fleet dashboard test
 if [ ! -e "$DATA_DIR/t10k-images-idx3-ubyte.gz" ] && [ ! -e "$DATA_DIR/t10k-images-idx3-ubyte" ]; then
   need+=(dataset-fashion-mnist)
 fi

@@ -575,3 +575,24 @@ def test_agent_cli_takes_a_password_file(
     topics = set(fleet_sub.topics_within(3))
     assert {device_topic(FLEET, "pi-02", ch) for ch in ("birth", "metrics", "status")} <= topics
     assert "Not authorized" not in proc.stderr
+
+
+def test_fleet_provision_cli_writes_credentials_and_broker_files(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    sec = tmp_path / "sec"
+    cmd = [sys.executable, "-m", "edgeprune.cli", "fleet", "provision", "--security-dir", str(sec)]
+    out = subprocess.run(
+        [*cmd, "--fleet", "lab", "--devices", "pi-01,pi-02", "--manager"],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    passwd = (sec / "broker" / "passwd").read_text()
+    assert {line.split(":")[0] for line in passwd.splitlines()} == {"pi-01", "pi-02", "fleet-manager"}
+    assert "$7$" in passwd and (sec / "credentials" / "pi-01" / "password").is_file()
+    revoked = subprocess.run([*cmd, "--revoke", "pi-02"], check=False, capture_output=True, text=True)
+    assert revoked.returncode == 0, revoked.stderr
+    assert "pi-02" not in (sec / "broker" / "passwd").read_text()

@@ -1,0 +1,332 @@
+"""Benchmark: device messages per second stored by the fleet manager, SQLite and PostgreSQL side by side.
+
+A private Mosquitto, ``--publishers`` processes each publishing its share of ``--messages`` Metrics
+messages (QoS 1, payloads serialised beforehand), and ``--ingestors`` fleet-manager ingestion processes in
+one MQTT v5 shared-subscription group writing into the store. The rate is messages stored (rows in
+``messages_seen``) over the time from the first publish to the last row. To show where the limit is, the
+same messages are also pushed through each stage alone: the broker alone (the same publishers to a
+subscriber that only counts), contract parsing only (``parse_message``, one process), and store writes
+only (``Store.ingest`` of parsed batches, no broker).
+
+    python bench/fleet_ingest.py --messages 20000 --publishers 2 --ingestors 1
+    python bench/fleet_ingest.py --pg postgresql+psycopg://postgres@127.0.0.1:5432/test
+
+PostgreSQL: a database named ``edgeprune_bench_<random>`` is created from ``--pg`` and dropped after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from agent.contract import Metrics, Percentiles, Readings, device_topic, envelope, parse_message
+from agent.mqtt import make_client, parse_broker_url
+from fleet.broker import MosquittoBroker
+from fleet.ingest import Ingestor
+from fleet.store import Store, schema
+
+FLEET = "bench"
+
+
+def payloads(start: int, n: int, devices: int) -> list[tuple[str, bytes]]:
+    out = []
+    for i in range(start, start + n):
+        device = f"dev-{i % devices:05d}"
+        m = Metrics(
+            **envelope(device_id=device, seq=i),
+            window_s=10,
+            inferences=100,
+            errors=0,
+            latency=Percentiles(p50_ms=1.2, p90_ms=2.0, p99_ms=3.1),
+            active_variant="static-50",
+            budget=0.5,
+            readings=Readings(battery_pct=50.0, charging=False, cpu_load_pct=10.0),
+        )
+        out.append((device_topic(FLEET, device, "metrics"), m.to_json().encode()))
+    return out
+
+
+def _publisher(*, broker_url: str, start: int, n: int, devices: int, go: Any, done: Any) -> None:
+    items = payloads(start, n, devices)
+    address = parse_broker_url(broker_url)
+    client = make_client(f"bench-pub-{start}")
+    client.max_inflight_messages_set(1000)
+    client.connect(address.host, address.port)
+    client.loop_start()
+    go.wait()
+    infos = [client.publish(topic, payload, qos=1) for topic, payload in items]
+    for info in infos:
+        info.wait_for_publish(120)
+    done.put(time.time())
+    client.disconnect()
+    client.loop_stop()
+
+
+def _ingestor(*, db: str, broker_url: str, group: str, batch: int, ready: Any, stop: Any) -> None:
+    with Store(db, migrate_on_open=False) as store:
+        ing = Ingestor(store, broker_url=broker_url, fleet=FLEET, group=group, batch_max=batch)
+        ing.start()
+        ready.put(os.getpid())
+        stop.wait()
+        ing.stop()
+
+
+def _counter(*, broker_url: str, group: str, total: int, ready: Any, done: Any) -> None:
+    """A bare paho subscriber in the same kind of share group that only counts: the broker + MQTT ceiling."""
+    import threading
+
+    from fleet.ingest import shared_filters
+
+    address = parse_broker_url(broker_url)
+    client = make_client(f"bench-count-{uuid.uuid4().hex[:6]}")
+    got = [0]
+    finished = threading.Event()
+
+    def on_message(c: Any, userdata: Any, msg: Any) -> None:
+        got[0] += 1
+        if got[0] >= total:
+            finished.set()
+
+    client.on_message = on_message
+    client.on_subscribe = lambda *a: ready.put(os.getpid())
+    client.connect(address.host, address.port)
+    client.subscribe([(f, 1) for f in shared_filters(group=group, fleet=FLEET)])
+    client.loop_start()
+    finished.wait(300)
+    done.put((time.time(), got[0]))
+    client.disconnect()
+    client.loop_stop()
+
+
+def broker_rate(broker: MosquittoBroker, args: argparse.Namespace) -> float:
+    """Messages/s from the publishers to one subscriber that parses and stores nothing."""
+    ctx = mp.get_context("spawn")
+    ready, done, counted = ctx.Queue(), ctx.Queue(), ctx.Queue()
+    go = ctx.Event()
+    share = args.messages // args.publishers
+    total = share * args.publishers
+    counter = ctx.Process(
+        target=_counter,
+        kwargs=dict(
+            broker_url=broker.url,
+            group=f"count-{uuid.uuid4().hex[:6]}",
+            total=total,
+            ready=ready,
+            done=counted,
+        ),
+    )
+    counter.start()
+    ready.get(timeout=60)
+    pubs = [
+        ctx.Process(
+            target=_publisher,
+            kwargs=dict(
+                broker_url=broker.url, start=k * share, n=share, devices=args.devices, go=go, done=done
+            ),
+        )
+        for k in range(args.publishers)
+    ]
+    for p in pubs:
+        p.start()
+    time.sleep(2.0)
+    t0 = time.time()
+    go.set()
+    t1, got = counted.get(timeout=args.timeout + 60)
+    for p in [*pubs, counter]:
+        p.join(60)
+    return float(got / (t1 - t0))
+
+
+def live_rate(db: str, broker: MosquittoBroker, args: argparse.Namespace) -> dict[str, Any]:
+    Store(db).close()  # migrate once, before the processes start
+    ctx = mp.get_context("spawn")
+    ready, done = ctx.Queue(), ctx.Queue()
+    go, stop = ctx.Event(), ctx.Event()
+    group = f"bench-{uuid.uuid4().hex[:6]}"
+    ingestors = [
+        ctx.Process(
+            target=_ingestor,
+            kwargs=dict(db=db, broker_url=broker.url, group=group, batch=args.batch, ready=ready, stop=stop),
+        )
+        for _ in range(args.ingestors)
+    ]
+    for p in ingestors:
+        p.start()
+    for _ in ingestors:
+        ready.get(timeout=60)
+    share = args.messages // args.publishers
+    pubs = [
+        ctx.Process(
+            target=_publisher,
+            kwargs=dict(
+                broker_url=broker.url, start=k * share, n=share, devices=args.devices, go=go, done=done
+            ),
+        )
+        for k in range(args.publishers)
+    ]
+    for p in pubs:
+        p.start()
+    time.sleep(2.0)  # let publishers connect and serialise their payloads
+    total = share * args.publishers
+    with Store(db, migrate_on_open=False) as store:
+        t0 = time.time()
+        go.set()
+        deadline = time.monotonic() + args.timeout
+        stored = 0
+        while time.monotonic() < deadline:
+            stored = store.count(schema.messages_seen)
+            if stored >= total:
+                break
+            time.sleep(0.05)
+        t1 = time.time()
+    published = max(done.get(timeout=60) for _ in pubs)
+    stop.set()
+    for p in [*pubs, *ingestors]:
+        p.join(60)
+    if stored < total:
+        print(f"    only {stored} of {total} messages stored within {args.timeout:.0f} s", flush=True)
+    return {
+        "messages": total,
+        "stored": stored,
+        "seconds": t1 - t0,
+        "stored_per_s": stored / (t1 - t0),
+        "published_per_s": total / (published - t0),
+    }
+
+
+def parse_rate(items: list[tuple[str, bytes]]) -> float:
+    t0 = time.perf_counter()
+    for _, payload in items:
+        parse_message(payload, expect_kind="metrics")
+    return len(items) / (time.perf_counter() - t0)
+
+
+def store_rate(db: str, items: list[tuple[str, bytes]], batch: int) -> float:
+    parsed = [(FLEET, parse_message(p)) for _, p in items]
+    with Store(db) as store:
+        t0 = time.perf_counter()
+        for i in range(0, len(parsed), batch):
+            store.ingest(parsed[i : i + batch])
+        return len(parsed) / (time.perf_counter() - t0)
+
+
+class PgDatabases:
+    """Fresh PostgreSQL databases created from an admin URL, all dropped on exit."""
+
+    def __init__(self, admin_url: str) -> None:
+        from sqlalchemy import create_engine
+
+        self.admin_url = admin_url
+        self.engine = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+        self.names: list[str] = []
+
+    def new(self) -> str:
+        from sqlalchemy import text
+
+        name = f"edgeprune_bench_{uuid.uuid4().hex[:10]}"
+        with self.engine.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        self.names.append(name)
+        return self.admin_url.rsplit("/", 1)[0] + "/" + name
+
+    def close(self) -> None:
+        from sqlalchemy import text
+
+        with self.engine.connect() as conn:
+            for name in self.names:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        self.engine.dispose()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--messages", type=int, default=20000)
+    parser.add_argument("--devices", type=int, default=1000)
+    parser.add_argument("--publishers", type=int, default=2)
+    parser.add_argument("--ingestors", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=500)
+    parser.add_argument("--timeout", type=float, default=120.0, help="give up waiting for the store after")
+    parser.add_argument(
+        "--pg", default="postgresql+psycopg://postgres@127.0.0.1:5432/test", help="'' skips PostgreSQL"
+    )
+    parser.add_argument("--json", type=Path, default=Path("out/bench-fleet-ingest.json"))
+    args = parser.parse_args(argv)
+
+    items = payloads(0, min(args.messages, 20000), args.devices)
+    results: dict[str, dict[str, Any]] = {}
+    pg = PgDatabases(args.pg) if args.pg else None
+    try:
+        with (
+            tempfile.TemporaryDirectory(prefix="fleet-bench-") as tmp,
+            # Mosquitto drops QoS 1 messages for a subscriber beyond 1000 queued by default; the bench
+            # measures the manager, so the broker may queue without bound (see docs/fleet.md).
+            MosquittoBroker(extra_config="max_queued_messages 0\nmax_inflight_messages 0") as broker,
+        ):
+            backends = [("sqlite", lambda: f"sqlite:///{Path(tmp) / uuid.uuid4().hex}.db")]
+            if pg is not None:
+                backends.append(("postgresql", pg.new))
+            parse = parse_rate(items)
+            print("==> broker alone: publishers to a subscriber that only counts", flush=True)
+            mqtt_only = broker_rate(broker, args)
+            for name, fresh in backends:
+                print(f"==> {name}: store writes alone", flush=True)
+                writes = store_rate(fresh(), items, args.batch)
+                print(f"==> {name}: live ingestion through the broker", flush=True)
+                live = live_rate(fresh(), broker, args)
+                results[name] = {
+                    "parse_only_per_s": parse,
+                    "store_only_per_s": writes,
+                    "broker_only_per_s": mqtt_only,
+                    **live,
+                }
+    finally:
+        if pg is not None:
+            pg.close()
+
+    print()
+    print(
+        f"{args.messages} Metrics messages, {args.devices} devices, {args.publishers} publisher processes, "
+        f"{args.ingestors} ingestor process(es), batches of {args.batch}, {os.cpu_count()} CPUs"
+    )
+    header = (
+        f"{'store':12} {'stored msg/s':>13} {'published msg/s':>16} {'broker only/s':>14} "
+        f"{'parse only/s':>13} {'store only/s':>13}"
+    )
+    print(header)
+    print("-" * len(header))
+    for name, r in results.items():
+        print(
+            f"{name:12} {r['stored_per_s']:13,.0f} {r['published_per_s']:16,.0f} "
+            f"{r['broker_only_per_s']:14,.0f} "
+            f"{r['parse_only_per_s']:13,.0f} {r['store_only_per_s']:13,.0f}"
+        )
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(
+        json.dumps(
+            {
+                "args": {
+                    k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "pg"
+                },
+                "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+                "results": results,
+            },
+            indent=2,
+        )
+    )
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

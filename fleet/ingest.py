@@ -1,0 +1,281 @@
+"""Telemetry ingestion: an MQTT v5 shared subscription feeding batched writes into the store.
+
+Several fleet-manager processes in the same share group split the device traffic (the broker hands each
+message to one of them); nothing here is kept in memory between batches that another process would
+need: duplicates are dropped by the store's ``messages_seen`` table, counters live in the store.
+
+>>> with Ingestor(Store("fleet.db"), broker_url="mqtt://127.0.0.1:1883") as ingest:  # doctest: +SKIP
+...     time.sleep(60)
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections import Counter
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import MQTTErrorCode
+from pydantic import ValidationError
+
+from agent.contract import CHANNELS, Message, parse_message, parse_topic, subscription
+from agent.errors import ContractError, UserError
+from agent.mqtt import BrokerAddress, make_client, parse_broker_url
+from fleet.store import Store
+
+__all__ = ["DEVICE_CHANNELS", "IngestError", "Ingestor", "classify_reject", "shared_filters"]
+
+log = logging.getLogger(__name__)
+
+DEVICE_CHANNELS = tuple(name for name, spec in CHANNELS.items() if spec.publisher == "device")
+"""Channels devices publish on (everything but ``desired``, which the fleet itself publishes)."""
+
+
+class IngestError(UserError):
+    """Ingestion cannot start (broker unreachable, bad URL)."""
+
+
+def shared_filters(*, group: str, fleet: str | None = None) -> list[str]:
+    """MQTT v5 shared-subscription filters for the device channels of ``fleet`` (``None``: every fleet).
+
+    >>> shared_filters(group="fm", fleet="lab")[0]
+    '$share/fm/edgeprune/v1/lab/+/birth'
+    """
+    return [f"$share/{group}/{subscription(fleet=fleet, channel=ch)}" for ch in DEVICE_CHANNELS]
+
+
+def classify_reject(exc: ContractError) -> str:
+    """A short reason for a rejected payload: ``not_json``, ``wrong_kind``, ``wrong_device``, ``invalid``."""
+    cause = exc.__cause__
+    if isinstance(cause, ValidationError):
+        types = {e["type"] for e in cause.errors()}
+        if "json_invalid" in types or "json_type" in types:
+            return "not_json"
+        if any("schema_version" in e["loc"] for e in cause.errors()):
+            return "schema_version"
+        return "invalid"
+    text = str(exc)
+    if "arrived where" in text:
+        return "wrong_kind"
+    if "arrived on the topic of" in text:
+        return "wrong_device"
+    return "invalid"
+
+
+class Ingestor:
+    """Subscribe to the device channels and write what arrives into ``store`` in batches.
+
+    ``broker_url`` is a URL or a :class:`agent.mqtt.BrokerAddress` (credentials, TLS). ``on_message`` only
+    enqueues; one writer thread validates each payload against its topic
+    (:func:`agent.contract.parse_message`), counts and logs rejects, and writes up to ``batch_max``
+    messages or ``batch_interval_s`` worth per transaction.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        broker_url: str | BrokerAddress,
+        fleet: str | None = None,
+        group: str = "edgeprune-fleet",
+        client_id: str | None = None,
+        batch_max: int = 500,
+        batch_interval_s: float = 0.2,
+        queue_max: int = 200_000,
+        keepalive_s: int = 15,
+    ) -> None:
+        self.store = store
+        self.address = parse_broker_url(broker_url) if isinstance(broker_url, str) else broker_url
+        self.fleet = fleet
+        self.group = group
+        self.client_id = client_id or f"edgeprune-fleet-{uuid.uuid4().hex[:8]}"
+        self.batch_max = batch_max
+        self.batch_interval_s = batch_interval_s
+        self.keepalive_s = keepalive_s
+        self._queue: queue.Queue[tuple[str, bytes, float] | None] = queue.Queue(maxsize=queue_max)
+        self._stop = threading.Event()
+        self._subscribed = threading.Event()
+        self._lock = threading.Lock()
+        self.received = 0
+        self.stored = 0
+        self.duplicates = 0
+        self.rejects: Counter[str] = Counter()
+        self.write_failures = 0
+        self._thread: threading.Thread | None = None
+        self.client = make_client(self.client_id, self.address)
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
+        self.client.reconnect_delay_set(min_delay=1, max_delay=30)
+
+    # --- lifecycle -----------------------------------------------------------------------------------
+
+    def start(self, *, timeout_s: float = 10.0) -> Ingestor:
+        """Connect, subscribe and start the writer; wait for the SUBACK so nothing sent after is missed."""
+        self._thread = threading.Thread(target=self._writer, name="fleet-ingest-writer", daemon=True)
+        self._thread.start()
+        try:
+            self.client.connect(self.address.host, self.address.port, keepalive=self.keepalive_s)
+        except OSError as exc:
+            self.stop()
+            raise IngestError(
+                f"cannot connect to the broker at {self.address.host}:{self.address.port}: {exc}",
+                hint="start mosquitto, or pass --broker mqtt://HOST:PORT",
+            ) from exc
+        self.client.loop_start()
+        if not self._subscribed.wait(timeout_s):
+            self.stop()
+            raise IngestError(f"no SUBACK from the broker within {timeout_s}s")
+        return self
+
+    def stop(self, *, drain_timeout_s: float = 10.0) -> None:
+        """Disconnect, write what is queued, stop the writer. Safe to call twice."""
+        self.client.disconnect()
+        self.client.loop_stop()
+        if self._thread is not None and self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join(drain_timeout_s)
+        self._thread = None
+
+    def __enter__(self) -> Ingestor:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stats(self) -> dict[str, Any]:
+        """This process's counters (the store holds the fleet-wide ones)."""
+        with self._lock:
+            return {
+                "received": self.received,
+                "stored": self.stored,
+                "duplicates": self.duplicates,
+                "rejects": dict(self.rejects),
+                "write_failures": self.write_failures,
+                "queued": self._queue.qsize(),
+            }
+
+    def wait_idle(self, *, timeout_s: float = 10.0) -> bool:
+        """Block until the queue is empty and the last batch is written (for tests and shutdown)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._queue.unfinished_tasks == 0:
+                return True
+            time.sleep(0.02)
+        return False
+
+    # --- MQTT callbacks: enqueue only ----------------------------------------------------------------
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if reason.is_failure:
+            log.warning("broker refused the connection: %s", reason)
+            return
+        result, _ = client.subscribe([(f, 1) for f in shared_filters(group=self.group, fleet=self.fleet)])
+        if result != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            log.warning("subscribe failed: %s", result)
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
+        bad = [r for r in reasons if r.is_failure]
+        if bad:
+            log.error("broker refused the subscription: %s", bad)
+            return
+        self._subscribed.set()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            self._queue.put((msg.topic, bytes(msg.payload), time.time()), timeout=5)
+        except queue.Full:
+            with self._lock:
+                self.rejects["queue_full"] += 1
+
+    # --- writer --------------------------------------------------------------------------------------
+
+    def _next_batch(self) -> tuple[list[tuple[str, bytes, float]], bool]:
+        batch: list[tuple[str, bytes, float]] = []
+        item = self._queue.get()
+        if item is None:
+            return batch, True
+        batch.append(item)
+        deadline = time.monotonic() + self.batch_interval_s
+        while len(batch) < self.batch_max:
+            remaining = deadline - time.monotonic()
+            try:
+                item = (
+                    self._queue.get(timeout=max(remaining, 0)) if remaining > 0 else self._queue.get_nowait()
+                )
+            except queue.Empty:
+                break
+            if item is None:
+                return batch, True
+            batch.append(item)
+        return batch, False
+
+    def _writer(self) -> None:
+        done = False
+        while not done:
+            batch, done = self._next_batch()
+            try:
+                if batch:
+                    self._write_with_retries(batch)
+            finally:
+                for _ in range(len(batch) + (1 if done else 0)):
+                    self._queue.task_done()
+
+    def _write_with_retries(self, batch: list[tuple[str, bytes, float]], *, attempts: int = 4) -> None:
+        """A database hiccup (restart, lock timeout) must not lose a batch: retry with backoff; a retried
+        batch is harmless because message ids already stored count as duplicates."""
+        for attempt in range(attempts):
+            try:
+                self._write(batch)
+                return
+            except Exception:  # the daemon's top loop: log, count, keep ingesting
+                log.exception("writing a batch of %d messages failed (attempt %d)", len(batch), attempt + 1)
+                with self._lock:
+                    self.write_failures += 1
+                if attempt + 1 < attempts and not self._stop.wait(0.5 * 2**attempt):
+                    continue
+                log.error("dropped a batch of %d messages after %d attempts", len(batch), attempt + 1)
+                return
+
+    def _write(self, batch: list[tuple[str, bytes, float]]) -> None:
+        good: list[tuple[str, Message]] = []
+        received: list[float] = []
+        rejects: Counter[str] = Counter()
+        for topic, payload, at in batch:
+            reason, parsed = self._parse(topic, payload)
+            if parsed is not None:
+                good.append(parsed)
+                received.append(at)
+            else:
+                rejects[reason] += 1
+        result = self.store.ingest(good, received=received) if good else None
+        if rejects:
+            self.store.count_rejects(dict(rejects))
+        with self._lock:
+            self.received += len(batch)
+            self.rejects.update(rejects)
+            if result is not None:
+                self.stored += result.stored
+                self.duplicates += result.duplicates
+
+    def _parse(self, topic: str, payload: bytes) -> tuple[str, tuple[str, Message] | None]:
+        try:
+            parts = parse_topic(topic)
+        except ContractError as exc:
+            log.warning("rejected a message on %s: %s", topic, exc)
+            return "bad_topic", None
+        if not payload:
+            return "empty", None
+        try:
+            message = parse_message(
+                payload, expect_kind=CHANNELS[parts.channel].kind, expect_device=parts.device
+            )
+        except ContractError as exc:
+            reason = classify_reject(exc)
+            log.warning("rejected a message on %s (%s): %s", topic, reason, exc)
+            return reason, None
+        return "", (parts.fleet, message)

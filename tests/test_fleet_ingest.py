@@ -1,0 +1,234 @@
+"""Ingestion against the real broker: shared subscriptions split the load, rejects are counted, the
+registry follows births, heartbeats, metrics and last wills of a real agent."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from agent.contract import Metrics, Readings, Status, device_topic, envelope
+from fleet.broker import MosquittoBroker
+from fleet.ingest import Ingestor, shared_filters
+from fleet.store import Store, schema
+from tests.fleet_fixtures import db_url, pg_url  # noqa: F401
+from tests.helpers import connected_client
+from tests.samples import sample_messages
+
+pytestmark = pytest.mark.broker
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"condition not met within {timeout}s")
+
+
+def metrics(device: str, seq: int) -> Metrics:
+    return Metrics(
+        **envelope(device_id=device, seq=seq),
+        window_s=1,
+        inferences=seq,
+        active_variant="dense",
+        readings=Readings(battery_pct=50.0),
+    )
+
+
+def publish_all(broker: MosquittoBroker, items: list[tuple[str, bytes]], name: str) -> None:
+    client = connected_client(broker, name)
+    infos = [client.publish(topic, payload, qos=1) for topic, payload in items]
+    for info in infos:
+        info.wait_for_publish(10)
+    client.disconnect()
+    client.loop_stop()
+
+
+def test_shared_filters_leave_out_desired() -> None:
+    filters = shared_filters(group="g")
+    assert "$share/g/edgeprune/v1/+/+/metrics" in filters
+    assert not any(f.endswith("/desired") for f in filters)
+
+
+def test_two_ingestors_split_the_load_and_store_each_message_once(
+    broker: MosquittoBroker,
+    db_url: str,  # noqa: F811
+) -> None:
+    fleet = "split-" + ("pg" if db_url.startswith("postgresql") else "sqlite")
+    sent = [metrics(f"d{i % 20}", i) for i in range(400)]
+    items = [(device_topic(fleet, m.device_id, "metrics"), m.to_json().encode()) for m in sent]
+    items += items[:50]  # a QoS 1 redelivery / outbox replay: same message ids again
+    with Store(db_url) as store:
+        a = Ingestor(store, broker_url=broker.url, fleet=fleet, group="split", batch_max=50)
+        b = Ingestor(store, broker_url=broker.url, fleet=fleet, group="split", batch_max=50)
+        with a, b:
+            publish_all(broker, items, f"pub-{fleet}")
+            wait_for(lambda: a.stats()["received"] + b.stats()["received"] == 450)
+            assert a.wait_idle() and b.wait_idle()
+        assert a.stats()["received"] > 0 and b.stats()["received"] > 0
+        assert a.stats()["stored"] + b.stats()["stored"] == 400
+        assert store.count(schema.metrics) == 400
+        assert store.count(schema.messages_seen) == 400
+        assert store.counters() == {"stored": 400, "duplicates": 50}
+        assert len(store.devices(fleet=fleet)) == 20
+
+
+def test_malformed_payloads_are_counted_and_nothing_else_is_lost(
+    tmp_path: Path, broker: MosquittoBroker
+) -> None:
+    fleet = "rejects"
+    good = [m for m in sample_messages("pi-01") if m.kind != "desired"]
+    channel = {"birth": "birth", "status": "status", "metrics": "metrics", "event": "events"}
+    channel["update_status"] = "update"
+    status = Status(**envelope(device_id="pi-01", seq=9), state="online", uptime_s=1).to_json()
+    other_device = Status(**envelope(device_id="pi-99", seq=9), state="online", uptime_s=1).to_json()
+    wrong_version = json.loads(status) | {"schema_version": 2, "message_id": "f" * 32}
+    bad: list[tuple[str, bytes]] = [
+        (device_topic(fleet, "pi-01", "status"), b"not json {"),
+        (device_topic(fleet, "pi-01", "status"), b"\xff\xfe\x00garbage"),
+        (device_topic(fleet, "pi-01", "metrics"), status.encode()),  # a status on the metrics channel
+        (device_topic(fleet, "pi-01", "status"), other_device.encode()),  # names another device
+        (device_topic(fleet, "pi-01", "status"), json.dumps(wrong_version).encode()),
+        (device_topic(fleet, "pi-01", "status"), b'{"kind": "status"}'),
+    ]
+    items: list[tuple[str, bytes]] = []
+    for i, m in enumerate(good):
+        items.append((device_topic(fleet, "pi-01", channel[m.kind]), m.to_json().encode()))  # type: ignore[arg-type]
+        items.append(bad[i % len(bad)])
+    items += bad[len(good) :]
+    with Store(tmp_path / "fleet.db") as store, Ingestor(store, broker_url=broker.url, fleet=fleet) as ing:
+        publish_all(broker, items, "pub-rejects")
+        wait_for(lambda: ing.stats()["received"] == len(items))
+        assert ing.wait_idle()
+        assert ing.stats()["stored"] == len(good)
+        assert store.counters() == {
+            "stored": len(good),
+            "reject.not_json": 2,
+            "reject.wrong_kind": 1,
+            "reject.wrong_device": 1,
+            "reject.schema_version": 1,
+            "reject.invalid": 1,
+        }
+        assert store.count(schema.metrics) == store.count(schema.events) == 1
+
+
+@pytest.mark.export
+@pytest.mark.slow
+def test_a_real_agent_shows_up_online_then_offline(compiled, signing_keys, broker, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from agent.core import Agent, AgentConfig
+    from agent.policy import PolicyConfig
+    from agent.sensors import StaticSensors
+
+    fleet = "real-agent"
+    config = AgentConfig(
+        bundle=compiled.out,
+        public_key=signing_keys.public,
+        broker_url=broker.url,
+        device_id="pi-07",
+        state_dir=tmp_path / "state",
+        fleet=fleet,
+        profile="rpi4",
+        metrics_period_s=0.3,
+        heartbeat_period_s=1.0,
+        decide_period_s=0.05,
+        policy=PolicyConfig(min_dwell_s=0.0),
+        seed=0,
+    )
+    with Store(tmp_path / "fleet.db") as store, Ingestor(store, broker_url=broker.url, fleet=fleet):
+        agent = Agent(config, sensors=StaticSensors(Readings(battery_pct=77.0, charging=False)))
+        agent.start()
+        try:
+            wait_for(lambda: (store.device("pi-07") or {}).get("battery_pct") == 77.0)
+            dev = store.device("pi-07")
+            assert dev is not None and dev["online"] is True and dev["profile"] == "rpi4"
+            assert dev["bundle_version"] == compiled.manifest.bundle_version
+            assert set(dev["variants"]) == {v.name for v in compiled.manifest.variants}
+        finally:
+            agent.stop()
+        wait_for(lambda: (store.device("pi-07") or {}).get("online") is False)
+
+
+def mutations(seed: int, n: int) -> list[tuple[str, bytes]]:
+    """Payloads a broken or hostile device might send on its metrics channel: random bytes, invalid
+    UTF-8, huge strings, wrong types and versions, valid JSON of the wrong shape."""
+    import random
+
+    rng = random.Random(seed)
+    base = json.loads(metrics("fz-01", 0).to_json())
+    out = []
+    for i in range(n):
+        choice = i % 6
+        if choice == 0:
+            payload = rng.randbytes(rng.randint(1, 200))
+        elif choice == 1:
+            payload = b'{"kind": "metrics", "device_id": "\xff\xfe"}'
+        else:
+            doc = dict(base, message_id=f"{i:032x}")
+            key = rng.choice(sorted(doc))
+            doc[key] = rng.choice([None, -1, 1e308, "x" * 100_000, [], {}, True, 2, "metrics", "\u0000"])
+            payload = json.dumps(doc).encode()
+        out.append((device_topic("fuzz", "fz-01", "metrics"), payload))
+    return out
+
+
+def test_fuzzed_payloads_never_crash_and_every_one_is_accounted_for(
+    tmp_path: Path, broker: MosquittoBroker
+) -> None:
+    items = mutations(0, 600)
+    with Store(tmp_path / "fleet.db") as store, Ingestor(store, broker_url=broker.url, fleet="fuzz") as ing:
+        publish_all(broker, items, "pub-fuzz")
+        wait_for(lambda: ing.stats()["received"] == len(items), timeout=60)
+        assert ing.wait_idle()
+        stats = ing.stats()
+        assert stats["write_failures"] == 0
+        counters = store.counters()
+        rejected = sum(v for k, v in counters.items() if k.startswith("reject."))
+        assert rejected + counters.get("stored", 0) + counters.get("duplicates", 0) == len(items)
+        assert rejected > 0 and rejected == sum(stats["rejects"].values())
+
+
+CRASHING_DEVICE = """
+import sys, time
+from agent.contract import Birth, Status, device_topic, envelope
+from agent.mqtt import make_client
+host, port = sys.argv[1], int(sys.argv[2])
+client = make_client("crash-01")
+will = Status(**envelope(device_id="crash-01", seq=0), state="offline", uptime_s=0)
+client.will_set(device_topic("crash", "crash-01", "status"), will.to_json(), qos=1, retain=True)
+client.connect(host, port, keepalive=1)
+client.loop_start()
+time.sleep(0.2)  # the birth is sent well after the will was built, as on a real device
+birth = Birth(**envelope(device_id="crash-01", seq=1), profile="rpi4", agent_version="0.1.0", backend="onnx")
+info = client.publish(device_topic("crash", "crash-01", "birth"), birth.to_json(), qos=1, retain=True)
+info.wait_for_publish(5)
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_device_that_dies_goes_offline_by_its_last_will(tmp_path: Path, broker: MosquittoBroker) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    with Store(tmp_path / "fleet.db") as store, Ingestor(store, broker_url=broker.url, fleet="crash"):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", CRASHING_DEVICE, broker.host, str(broker.port)],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=Path(__file__).resolve().parents[1],
+        )
+        try:
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+            wait_for(lambda: (store.device("crash-01") or {}).get("online") is True)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+            assert proc.stdout is not None
+            proc.stdout.close()
+        wait_for(lambda: (store.device("crash-01") or {}).get("online") is False, timeout=30)

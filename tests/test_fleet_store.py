@@ -1,0 +1,179 @@
+"""The fleet store against SQLite and PostgreSQL: migrations, dedup, registry upserts, counters, leases."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime, timedelta
+
+from agent.contract import Birth, BundleRef, Metrics, Percentiles, Readings, Status, envelope
+from fleet.store import MIGRATIONS, Store, database_url, migrate, schema
+from tests.fleet_fixtures import db_url, pg_url  # noqa: F401
+from tests.samples import sample_messages
+
+T0 = datetime(2026, 11, 27, 8, 0, tzinfo=UTC)
+
+
+def at(seconds: float, **env: object) -> dict[str, object]:
+    e = envelope(device_id=str(env.pop("device_id", "pi-01")), seq=int(env.pop("seq", 0)))  # type: ignore[call-overload]
+    e["sent_at"] = T0 + timedelta(seconds=seconds)
+    return e
+
+
+def test_database_url_accepts_a_path(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    assert database_url(tmp_path / "x.db") == f"sqlite:///{tmp_path / 'x.db'}"
+    assert database_url("postgresql+psycopg://u@h/db") == "postgresql+psycopg://u@h/db"
+
+
+def test_migrations_apply_once(db_url: str) -> None:  # noqa: F811
+    with Store(db_url) as store:
+        assert store.count(schema.schema_version) == len(MIGRATIONS)
+        assert migrate(store.engine) == []
+    with Store(db_url) as again:
+        assert again.count(schema.schema_version) == len(MIGRATIONS)
+
+
+def test_migrations_from_several_processes_at_once(db_url: str) -> None:  # noqa: F811
+    errors: list[BaseException] = []
+
+    def open_one() -> None:
+        try:
+            Store(db_url).close()
+        except BaseException as exc:  # collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_one) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    with Store(db_url, migrate_on_open=False) as store:
+        assert store.count(schema.schema_version) == len(MIGRATIONS)
+
+
+def test_every_kind_is_stored_and_duplicates_dropped(db_url: str) -> None:  # noqa: F811
+    msgs = [m for m in sample_messages() if m.kind != "desired"]
+    with Store(db_url) as store:
+        first = store.ingest([("lab", m) for m in msgs])
+        assert (first.stored, first.duplicates) == (5, 0)
+        again = store.ingest([("lab", m) for m in msgs] + [("lab", msgs[0])])
+        assert (again.stored, again.duplicates) == (0, 6)
+        assert store.count(schema.metrics) == 1
+        assert store.count(schema.events) == 1
+        assert store.count(schema.update_statuses) == 1
+        assert store.count(schema.messages_seen) == 5
+        assert store.counters() == {"stored": 5, "duplicates": 6}
+
+
+def test_birth_fills_the_registry(db_url: str) -> None:  # noqa: F811
+    birth = Birth(
+        **at(0),
+        profile="rpi4",
+        agent_version="0.1.0",
+        backend="onnx",
+        bundle=BundleRef(model_id="m", bundle_version="1.0.0"),
+        variants=("dense", "static-50"),
+    )
+    with Store(db_url) as store:
+        store.ingest([("lab", birth)])
+        dev = store.device("pi-01")
+        assert dev is not None
+        assert dev["online"] is True
+        assert (dev["profile"], dev["model_id"], dev["bundle_version"]) == ("rpi4", "m", "1.0.0")
+        assert dev["variants"] == ["dense", "static-50"]
+        assert dev["first_seen"] == dev["last_seen"] == T0.timestamp()
+
+
+def test_metrics_update_variant_battery_and_last_seen(db_url: str) -> None:  # noqa: F811
+    m = Metrics(
+        **at(10),
+        window_s=10,
+        inferences=5,
+        latency=Percentiles(p50_ms=1, p90_ms=2, p99_ms=3),
+        active_variant="static-50",
+        readings=Readings(battery_pct=55.0),
+    )
+    with Store(db_url) as store:
+        store.ingest([("lab", Status(**at(0), state="online", uptime_s=1, active_variant="dense"))])
+        store.ingest([("lab", m)])
+        dev = store.device("pi-01")
+        assert dev is not None
+        assert (dev["active_variant"], dev["battery_pct"], dev["online"]) == ("static-50", 55.0, True)
+        assert dev["last_seen"] == T0.timestamp() + 10
+        assert [r["p90_ms"] for r in store.series("pi-01")] == [2.0]
+
+
+def test_a_last_will_with_an_old_sent_at_still_marks_the_device_offline(db_url: str) -> None:  # noqa: F811
+    # The will is built at connect: its sent_at is older than the birth sent after connecting.
+    will = Status(**at(0), state="offline", uptime_s=0)
+    birth = Birth(**at(1), profile="rpi4", agent_version="0.1.0", backend="onnx")
+    with Store(db_url) as store:
+        store.ingest([("lab", birth)], received=[100.0])
+        store.ingest([("lab", will)], received=[200.0])
+        dev = store.device("pi-01")
+        assert dev is not None and dev["online"] is False
+
+
+def test_online_follows_arrival_even_when_processed_out_of_order(db_url: str) -> None:  # noqa: F811
+    will = Status(**at(0), state="offline", uptime_s=0)
+    birth = Birth(**at(1), profile="rpi4", agent_version="0.1.0", backend="onnx")
+    with Store(db_url) as store:
+        # two ingestors: the will (arrived later) is written before the birth (arrived earlier)
+        store.ingest([("lab", will)], received=[200.0])
+        store.ingest([("lab", birth)], received=[100.0])
+        dev = store.device("pi-01")
+        assert dev is not None and dev["online"] is False and dev["profile"] == "rpi4"
+        again = Birth(**at(2), profile="rpi4", agent_version="0.1.0", backend="onnx")
+        store.ingest([("lab", again)], received=[300.0])
+        dev = store.device("pi-01")
+        assert dev is not None and dev["online"] is True
+
+
+def test_reject_counters_add_up(db_url: str) -> None:  # noqa: F811
+    with Store(db_url) as store:
+        store.count_rejects({"not_json": 2, "wrong_kind": 1})
+        store.count_rejects({"not_json": 3})
+        assert store.counters() == {"reject.not_json": 5, "reject.wrong_kind": 1}
+
+
+def test_lease_has_one_holder_until_it_expires(db_url: str) -> None:  # noqa: F811
+    with Store(db_url) as store:
+        assert store.acquire_lease("rollouts", "a", ttl_s=10, now=100)
+        assert not store.acquire_lease("rollouts", "b", ttl_s=10, now=105)
+        assert store.acquire_lease("rollouts", "a", ttl_s=10, now=106)
+        assert store.acquire_lease("rollouts", "b", ttl_s=10, now=117)
+        assert not store.acquire_lease("rollouts", "a", ttl_s=10, now=118)
+
+
+def test_tags_and_bundles(db_url: str) -> None:  # noqa: F811
+    with Store(db_url) as store:
+        store.set_tags("pi-02", {"site": "north"}, fleet="lab")
+        dev = store.device("pi-02")
+        assert dev is not None and dev["tags"] == {"site": "north"}
+        kw = dict(model_id="m", bundle_version="1", manifest={"a": 1}, manifest_sha256="0" * 64, path="/x")
+        assert store.add_bundle(**kw)  # type: ignore[arg-type]
+        assert not store.add_bundle(**kw)  # type: ignore[arg-type]
+        assert [b["bundle_version"] for b in store.bundles()] == ["1"]
+
+
+def test_public_surface_is_pinned() -> None:
+    import fleet
+
+    assert fleet.__all__ == [
+        "BundleUploadError",
+        "Cohort",
+        "FleetServer",
+        "GateResult",
+        "Gates",
+        "Ingestor",
+        "RolloutError",
+        "RolloutManager",
+        "RolloutSpec",
+        "ServeConfig",
+        "Store",
+        "StoreError",
+        "create_app",
+        "upload_bundle",
+    ]
+    for name in fleet.__all__:
+        assert getattr(fleet, name).__name__ == name
