@@ -24,7 +24,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, cast, get_args, runtime_checkable
@@ -101,8 +101,11 @@ class Backend(Protocol):
         """Load ``path``; :class:`BackendError` naming the file if it cannot be loaded."""
         ...
 
-    def load_gated(self, path: Path, *, gating: Gating, budget: BudgetInput) -> GatedModel:
-        """Load the gated variant file ``path`` (see :class:`agent.contract.Gating` for its form)."""
+    def load_gated(
+        self, path: Path | Mapping[str, Path], *, gating: Gating, budget: BudgetInput
+    ) -> GatedModel:
+        """Load a gated variant (see :class:`agent.contract.Gating` for its forms): one file, or one file
+        per segment (``{"stem": path, "block0_w0": path, ...}``)."""
         ...
 
 
@@ -146,6 +149,48 @@ class _OnnxGated:
         return out[self._logits_at], tuple(int(i) for i in out[self._widths_at])
 
 
+class _OnnxSegments:
+    """The dispatcher of a gated variant shipped as one ONNX graph per segment (the fastest form in
+    onnxruntime: no ``If`` overhead, every convolution pre-packed): ``stem``, then per block the graph the
+    previous segment's gate named. Each graph takes (features, budget) and returns (features, index),
+    the last block's (logits,)."""
+
+    __slots__ = ("_blocks", "_stem")
+
+    def __init__(self, sessions: Mapping[str, Any], gating: Gating) -> None:
+        wanted = ["stem"] + [
+            f"block{i}_w{j}" for i, b in enumerate(gating.blocks) for j in range(len(b.widths))
+        ]
+        missing = [w for w in wanted if w not in sessions]
+        if missing:
+            raise BackendError(f"the gated ONNX segments lack {missing[:4]}")
+
+        def bind(session: Any) -> Callable[[np.ndarray, np.ndarray], list[np.ndarray]]:
+            inputs = [i.name for i in session.get_inputs()]
+            run = session.run
+
+            def call(h: np.ndarray, b: np.ndarray) -> list[np.ndarray]:
+                return run(None, {inputs[0]: h, inputs[1]: b})  # type: ignore[no-any-return]
+
+            return call
+
+        self._stem = bind(sessions["stem"])
+        self._blocks = [
+            [bind(sessions[f"block{i}_w{j}"]) for j in range(len(b.widths))]
+            for i, b in enumerate(gating.blocks)
+        ]
+
+    def run(self, x: np.ndarray, budget: float) -> tuple[np.ndarray, tuple[int, ...]]:
+        b = np.array(budget, dtype=np.float32)
+        out = self._stem(x, b)
+        picks = []
+        for methods in self._blocks:
+            j = int(out[1][0])
+            picks.append(j)
+            out = methods[j](out[0], b)
+        return out[0], tuple(picks)
+
+
 class OnnxBackend:
     """onnxruntime on the CPU: ``intra_op_num_threads=threads``, one inter-op thread, all graph
     optimisations. Never imports torch.
@@ -165,7 +210,11 @@ class OnnxBackend:
     def load(self, path: Path) -> LoadedModel:
         return _OnnxModel(self._session(path))
 
-    def load_gated(self, path: Path, *, gating: Gating, budget: BudgetInput) -> GatedModel:
+    def load_gated(
+        self, path: Path | Mapping[str, Path], *, gating: Gating, budget: BudgetInput
+    ) -> GatedModel:
+        if isinstance(path, Mapping):
+            return _OnnxSegments({name: self._session(p) for name, p in path.items()}, gating)
         return _OnnxGated(self._session(path), path, gating, budget)
 
     def _session(self, path: Path) -> Any:
@@ -271,7 +320,11 @@ class ExecutorchBackend:
             raise BackendError(f"ExecuTorch cannot load {path}: {exc}") from exc
         return _ExecutorchModel(method, self._from_numpy)
 
-    def load_gated(self, path: Path, *, gating: Gating, budget: BudgetInput) -> GatedModel:
+    def load_gated(
+        self, path: Path | Mapping[str, Path], *, gating: Gating, budget: BudgetInput
+    ) -> GatedModel:
+        if isinstance(path, Mapping):
+            raise BackendError("a gated .pte holds every segment as a method of one file, not one file each")
         try:
             program = self._runtime.load_program(path)
             return _ExecutorchGated(program, path, gating, self._torch)
@@ -459,10 +512,14 @@ class ModelServer:
         self._prep = _Preprocessor(manifest.input)
         self._out_shape = (1, len(manifest.input.class_names))
         self._files: dict[str, tuple[Path, int]] = {}
+        # a gated variant shipped as one graph per segment loads from all of them
+        self._segments: dict[str, dict[str, Path]] = {}
         for variant in manifest.variants:
-            f = variant.file_for(backend.name)
-            if f is not None:
-                self._files[variant.name] = (bundle / f.path, f.size_bytes)
+            files = variant.files_for(backend.name)
+            if files:
+                self._files[variant.name] = (bundle / files[0].path, sum(f.size_bytes for f in files))
+                if files[0].segment is not None:
+                    self._segments[variant.name] = {str(f.segment): bundle / f.path for f in files}
         if not self._files:
             raise BackendError(
                 f"bundle {manifest.model_id} {manifest.bundle_version} has no variant for runtime "
@@ -640,7 +697,9 @@ class ModelServer:
         model: LoadedModel | GatedModel
         try:
             if variant.gating is not None and variant.budget is not None:
-                model = self._backend.load_gated(path, gating=variant.gating, budget=variant.budget)
+                model = self._backend.load_gated(
+                    self._segments.get(name, path), gating=variant.gating, budget=variant.budget
+                )
                 out, _ = model.run(zeros, variant.budget.default)
             else:
                 model = self._backend.load(path)

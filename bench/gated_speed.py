@@ -8,7 +8,8 @@ graph and the multi-method .pte exactly as ``edgeprune compile --gated`` does, p
 static network of each inner width, and times them all in ONE process, interleaved, at batch 1 through
 the agent's runtime facade. Reports, per runtime: speed-up of the gated form over dense at each width,
 the MACs ratio, and the gated form's time relative to the static net of the same width (how much the
-gating costs over a network that was pruned to that width).
+gating costs over a network that was pruned to that width). For ONNX it also times the single-graph
+form with ``If`` nodes, which bundles do not ship because it is slower.
 
     python bench/gated_speed.py [--checkpoint ~/.cache/edgeprune/dense-KEY.pt] [--runs 400] [--json FILE]
 """
@@ -30,7 +31,7 @@ from torch import nn
 
 from agent.contract import BudgetInput, Runtime
 from compiler.export import export_onnx, export_pte, load_runner
-from compiler.gating.deploy import GatedDeploy, export_gated, gated_runner, gating_spec
+from compiler.gating.deploy import GatedDeploy, export_gated, export_gated_onnx, gated_runner, gating_spec
 from compiler.gating.slim import BUDGET_SCALE, SlimNet
 from compiler.measure import count_macs_params, host_description
 from compiler.reference import ReferenceNet
@@ -113,12 +114,18 @@ def _export(
         for rt, suffix in (("onnx", ".onnx"), ("executorch", ".pte")):
             run = load_runner(out / f"{name}{suffix}", cast(Runtime, rt), threads=threads)
             timers[(name, cast(Runtime, rt))] = lambda run=run: run(x)
-    for rt, suffix in (("onnx", ".onnx"), ("executorch", ".pte")):
-        path = out / f"gated{suffix}"
-        export_gated(deploy, example, path, cast(Runtime, rt), gating=gating, budget=budget)
-        grun = gated_runner(path, cast(Runtime, rt), gating=gating, budget=budget, threads=threads)
+    for rt in ("onnx", "executorch"):
+        files = export_gated(deploy, example, out, cast(Runtime, rt), name="gated")
+        grun = gated_runner(files, cast(Runtime, rt), gating=gating, budget=budget, threads=threads)
         for j, b in enumerate(BUDGET_FOR_WIDTH):
             timers[(f"gated-w{j}", cast(Runtime, rt))] = lambda grun=grun, b=b: grun(x, b)
+    # the single-graph ONNX form with If nodes, for comparison (bundles ship the segments)
+    export_gated_onnx(
+        deploy, example, out / "gated-if.onnx", budget=budget, widths_output=gating.widths_output
+    )
+    irun = gated_runner(out / "gated-if.onnx", "onnx", gating=gating, budget=budget, threads=threads)
+    for j, b in enumerate(BUDGET_FOR_WIDTH):
+        timers[(f"gated-if-w{j}", "onnx")] = lambda b=b: irun(x, b)
     return timers, macs
 
 
@@ -170,21 +177,21 @@ def main(argv: list[str] | None = None) -> int:
                     "static_speedup": dense_ms / s,
                     "macs_ratio": macs["dense"] / macs[f"static-w{j}"],
                     "gated_vs_static": s / g,
+                    "gated_if_ms": med.get((f"gated-if-w{j}", rt)),
                 }
             )
     print(
         f"\n{'runtime':<11}{'width':>6}{'dense ms':>10}{'gated ms':>10}{'static ms':>10}"
-        f"{'gated x':>9}{'static x':>9}{'MACs x':>8}{'static/gated':>13}"
+        f"{'gated x':>9}{'static x':>9}{'MACs x':>8}{'static/gated':>13}{'If-form ms':>11}"
     )
     for r in rows:
         print(
             f"{r['runtime']:<11}{r['inner_width']:>6}{r['dense_ms']:>10.3f}{r['gated_ms']:>10.3f}"
             f"{r['static_ms']:>10.3f}{r['gated_speedup']:>8.2f}x{r['static_speedup']:>8.2f}x"
             f"{r['macs_ratio']:>7.2f}x{r['gated_vs_static']:>12.2f}"
+            + (f"{r['gated_if_ms']:>11.3f}" if r["gated_if_ms"] is not None else f"{'-':>11}")
         )
-    print(
-        "\ngated x, static x: speed-up over dense; static/gated: how close gated runs to a static net"
-    )
+    print("\ngated x, static x: speed-up over dense; static/gated: how close gated runs to a static net")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     payload = {"host": host_description(), "threads": args.threads, "runs": args.runs, "rows": rows}
     args.json.write_text(json.dumps(payload, indent=1))

@@ -42,6 +42,7 @@ from compiler.data import Splits, load_splits
 from compiler.errors import CompileError
 from compiler.export import EXPORTERS, verify
 from compiler.gating.build import GatedBuild, budget_points, build_gated, export_and_verify, gated_latency
+from compiler.gating.deploy import GatedFiles
 from compiler.gating.train import GateTrainConfig
 from compiler.measure import count_macs_params, host_description, latency_side_by_side
 from compiler.models import load_model
@@ -346,7 +347,7 @@ def compile_bundle(opts: CompileOptions) -> CompileResult:
             "export + verify", "exporting to " + " and ".join(opts.runtimes) + ", verifying each file"
         ):
             files = _export_all(opts, built, example, splits, tmp)
-            gated_files: dict[Runtime, Path] = {}
+            gated_files: dict[Runtime, GatedFiles] = {}
             if gated is not None:
                 checks = torch.cat([torch.randn(4, *example.shape[1:]), splits.test.x[:4]])
                 gated_files = export_and_verify(gated, example, checks, opts.runtimes, tmp, name="gated")
@@ -391,16 +392,24 @@ def compile_bundle(opts: CompileOptions) -> CompileResult:
 
 
 def _gated_variant(
-    gated: GatedBuild, files: dict[Runtime, Path], lat: dict[float, dict[Runtime, Latency]]
+    gated: GatedBuild, files: dict[Runtime, GatedFiles], lat: dict[float, dict[Runtime, Latency]]
 ) -> Variant:
     point = gated.default_point
+    artifacts = []
+    for rt, form in files.items():
+        parts: list[tuple[str | None, Path]] = (
+            [(None, form)] if isinstance(form, Path) else list(form.items())
+        )
+        artifacts += [
+            ArtifactFile(
+                runtime=rt, path=p.name, sha256=file_sha256(p), size_bytes=p.stat().st_size, segment=seg
+            )
+            for seg, p in parts
+        ]
     return Variant(
         name="gated",
         kind="gated",
-        files=tuple(
-            ArtifactFile(runtime=rt, path=p.name, sha256=file_sha256(p), size_bytes=p.stat().st_size)
-            for rt, p in files.items()
-        ),
+        files=tuple(artifacts),
         macs=gated.gating.fixed_macs + sum(b.macs[-1] for b in gated.gating.blocks),
         params=gated.params,
         accuracy=point.accuracy,

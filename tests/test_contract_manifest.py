@@ -67,7 +67,7 @@ def test_static_variant_cannot_have_budget(manifest: BundleManifest) -> None:
     def add_budget(d: dict) -> None:  # type: ignore[type-arg]
         d["variants"][2]["budget"] = {"minimum": 0, "maximum": 1, "default": 1}
 
-    with pytest.raises(ContractError, match="static variant .* has a budget"):
+    with pytest.raises(ContractError, match=r"static variant .* has a budget"):
         BundleManifest.from_json(_mutated(manifest, add_budget))
 
 
@@ -186,3 +186,20 @@ def test_realised_macs_and_density(manifest: BundleManifest) -> None:
     assert gating.realised([1, 1]) == (18_000_000 + 6_000_000 + 16_000_000, 1.0)
     with pytest.raises(ValueError, match="1 width indices for 2"):
         gating.realised([0])
+
+
+def test_only_gated_variants_ship_segments(manifest: BundleManifest) -> None:
+    def segment_on_static(d: dict) -> None:  # type: ignore[type-arg]
+        d["variants"][2]["files"][0]["segment"] = "stem"
+
+    with pytest.raises(ContractError, match="has segment files; only gated"):
+        BundleManifest.from_json(_mutated(manifest, segment_on_static))
+
+
+def test_a_runtime_is_whole_or_segments_not_both(manifest: BundleManifest) -> None:
+    def mixed(d: dict) -> None:  # type: ignore[type-arg]
+        extra = dict(d["variants"][1]["files"][0], path="gated.stem.onnx", segment="stem")
+        d["variants"][1]["files"].append(extra)
+
+    with pytest.raises(ContractError, match="mixes a whole-model"):
+        BundleManifest.from_json(_mutated(manifest, mixed))

@@ -135,6 +135,11 @@ class ArtifactFile(ContractModel):
     path: BundlePath = described("Path relative to the bundle root, POSIX separators.")
     sha256: Sha256Hex = described("Lower-case hex SHA-256 of the file's bytes.")
     size_bytes: int = described("Exact size of the file in bytes.", ge=0)
+    segment: Identifier | None = described(
+        "For a gated variant shipped as one graph per segment: the segment (`stem`, `block{i}_w{j}`); "
+        "null for a file holding the whole model.",
+        default=None,
+    )
 
 
 class Latency(ContractModel):
@@ -199,6 +204,8 @@ class Gating(ContractModel):
     file holds one method per segment: ``stem`` (input, budget) -> (features, index for block 0), then
     ``block{i}_w{j}`` (features, budget) -> (features, index for block i+1), the last block's methods
     returning (logits,); a dispatcher runs ``stem`` and then, per block, the method the index names.
+    ONNX may ship the same segments as one graph each (files with ``segment`` set), which onnxruntime
+    runs faster than one graph with ``If`` nodes; then ``widths_output`` does not apply.
     """
 
     blocks: tuple[GatedBlock, ...] = described("The gated blocks, in execution order.", min_length=1)
@@ -225,7 +232,9 @@ class Variant(ContractModel):
 
     name: Identifier = described("Unique name within the bundle, e.g. `dense`, `gated`, `static-50`.")
     kind: VariantKind = described("dense: the reference; gated: input-dependent width; static: pruned.")
-    files: tuple[ArtifactFile, ...] = described("Exported files, at most one per runtime.", min_length=1)
+    files: tuple[ArtifactFile, ...] = described(
+        "Exported files: one per runtime, or for a gated variant one per runtime and segment.", min_length=1
+    )
     macs: int = described("Multiply-accumulates of one inference at full width.", ge=0)
     params: int = described("Number of parameters.", ge=0)
     accuracy: Finite | None = described(
@@ -250,9 +259,17 @@ class Variant(ContractModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> Variant:
-        runtimes = [f.runtime for f in self.files]
-        if len(set(runtimes)) != len(runtimes):
-            raise ValueError(f"variant {self.name!r} lists a runtime twice: {runtimes}")
+        keys = [(f.runtime, f.segment) for f in self.files]
+        if len(set(keys)) != len(keys):
+            raise ValueError(
+                f"variant {self.name!r} lists a runtime twice: {[f.runtime for f in self.files]}"
+            )
+        for runtime in {f.runtime for f in self.files}:
+            segments = [f.segment for f in self.files if f.runtime == runtime]
+            if None in segments and len(segments) > 1:
+                raise ValueError(f"variant {self.name!r} mixes a whole-model {runtime} file with segments")
+        if self.kind != "gated" and any(f.segment is not None for f in self.files):
+            raise ValueError(f"{self.kind} variant {self.name!r} has segment files; only gated variants do")
         if self.kind == "gated" and (self.budget is None or self.gating is None):
             raise ValueError(f"gated variant {self.name!r} needs a budget input and its gating")
         if self.kind != "gated" and (self.budget is not None or self.budget_curve or self.gating is not None):
@@ -260,8 +277,12 @@ class Variant(ContractModel):
         return self
 
     def file_for(self, runtime: Runtime) -> ArtifactFile | None:
-        """The file this variant ships for ``runtime``, or ``None``."""
+        """The file this variant ships for ``runtime`` (the first segment if in segments), or ``None``."""
         return next((f for f in self.files if f.runtime == runtime), None)
+
+    def files_for(self, runtime: Runtime) -> tuple[ArtifactFile, ...]:
+        """Every file this variant ships for ``runtime``: one, or one per segment."""
+        return tuple(f for f in self.files if f.runtime == runtime)
 
 
 class CreationInfo(ContractModel):

@@ -22,8 +22,8 @@ from agent.contract import BudgetInput, BudgetPoint, Gating, Latency, Runtime
 from compiler import cache
 from compiler.data import Splits
 from compiler.gating.deploy import (
-    EXPORTERS,
     GatedDeploy,
+    GatedFiles,
     export_gated,
     gated_runner,
     gating_spec,
@@ -106,24 +106,22 @@ def export_and_verify(
     out: Path,
     *,
     name: str,
-) -> dict[Runtime, Path]:
-    """Export the gated net for each runtime into ``out`` and verify each file at every budget."""
-    files: dict[Runtime, Path] = {}
+) -> dict[Runtime, GatedFiles]:
+    """Export the gated net for each runtime into ``out`` and verify each form at every budget."""
+    files: dict[Runtime, GatedFiles] = {}
     budgets = [r.budget for r in build.curve]
     for rt in runtimes:
-        path = out / f"{name}{EXPORTERS[rt]}"
-        export_gated(build.deploy, example, path, rt, gating=build.gating, budget=build.budget)
+        files[rt] = export_gated(build.deploy, example, out, rt, name=name)
         worst = verify_gated(
-            build.deploy, path, rt, checks, budgets, gating=build.gating, budget=build.budget
+            build.deploy, files[rt], rt, checks, budgets, gating=build.gating, budget=build.budget
         )
-        log.info("%s verified in %s at %d budgets: max |diff| %.2e", path.name, rt, len(budgets), worst)
-        files[rt] = path
+        log.info("gated %s verified at %d budgets: max |diff| %.2e", rt, len(budgets), worst)
     return files
 
 
 def gated_latency(
     build: GatedBuild,
-    files: dict[Runtime, Path],
+    files: dict[Runtime, GatedFiles],
     images: np.ndarray,
     *,
     runs: int,

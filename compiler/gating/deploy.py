@@ -4,10 +4,13 @@ Masking channels saves nothing on a CPU, so every width of every block becomes i
 BN-folded pair of convolutions, and the gate's choice selects which pair runs (docs/compiler.md has the
 measurements behind these choices):
 
-- **ONNX**: one graph, ``(input, budget) -> (logits, widths)``; each block is a tree of ``torch.cond``
-  (exported as ONNX ``If``). The exporter leaves every branch's weights in the outer graph, where
-  onnxruntime cannot pre-pack them and falls back to a slow convolution; :func:`sink_initializers`
-  moves each weight into the one branch that uses it.
+- **ONNX** (what bundles ship): one small graph per segment, ``stem`` and ``block{i}_w{j}``, each
+  ending with the next block's gate decision; the device dispatches (:class:`agent.runtime.OnnxBackend`).
+  The alternative, one graph where each block is a tree of ``torch.cond`` exported as ONNX ``If``
+  (:func:`export_gated_onnx`, kept for comparison in ``bench/gated_speed.py``), is correct once
+  :func:`sink_initializers` moved every branch's weights into its branch (else onnxruntime cannot
+  pre-pack them); on the reference model both ran within noise of each other
+  (``bench/gated_speed.py``), and the segments keep one design for both runtimes.
 - **ExecuTorch**: XNNPACK does not delegate convolutions inside ``torch.cond`` branches (they run ~50x
   slower on portable kernels), so the ``.pte`` holds one method per segment, lowered together:
   ``stem`` and ``block{i}_w{j}``, each ending with the next block's gate decision; the device runs
@@ -37,7 +40,9 @@ from compiler.gating.slim import BUDGET_SCALE, SlimBlock, SlimNet
 
 __all__ = [
     "GatedDeploy",
+    "export_gated",
     "export_gated_onnx",
+    "export_gated_onnx_segments",
     "export_gated_pte",
     "gating_spec",
     "sink_initializers",
@@ -253,18 +258,12 @@ def export_gated_pte(deploy: GatedDeploy, example: torch.Tensor, path: Path) -> 
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
-    deploy = deploy.eval()
-    b = torch.tensor(0.0)
     try:
         with torch.no_grad():
-            x = example[:1].contiguous()
-            programs = {"stem": torch.export.export(_StemSegment(deploy).eval(), (x, b), strict=False)}
-            h = deploy.stem(x)
-            for i, branches in enumerate(deploy.branches):
-                for j in range(len(cast(nn.ModuleList, branches))):
-                    seg = _BlockSegment(deploy, i, j).eval()
-                    programs[f"block{i}_w{j}"] = torch.export.export(seg, (h, b), strict=False)
-                h = cast(nn.ModuleList, branches)[-1](h, deploy.shortcuts[i](h))
+            programs = {
+                segment: torch.export.export(module, args, strict=False)
+                for segment, module, args in _segments(deploy.eval(), example)
+            }
             lowered = to_edge_transform_and_lower(
                 programs, partitioner=[XnnpackPartitioner()]
             ).to_executorch()
@@ -273,36 +272,75 @@ def export_gated_pte(deploy: GatedDeploy, example: torch.Tensor, path: Path) -> 
     path.write_bytes(lowered.buffer)
 
 
-EXPORTERS: dict[Runtime, str] = {"onnx": ".onnx", "executorch": ".pte"}
+def _segments(
+    deploy: GatedDeploy, example: torch.Tensor
+) -> list[tuple[str, nn.Module, tuple[torch.Tensor, ...]]]:
+    """``(name, module, example inputs)`` of every segment, in execution order."""
+    b = torch.tensor(0.0)
+    x = example[:1].contiguous()
+    out: list[tuple[str, nn.Module, tuple[torch.Tensor, ...]]] = [
+        ("stem", _StemSegment(deploy).eval(), (x, b))
+    ]
+    with torch.no_grad():
+        h = deploy.stem(x)
+        for i, branches in enumerate(deploy.branches):
+            for j in range(len(cast(nn.ModuleList, branches))):
+                out.append((f"block{i}_w{j}", _BlockSegment(deploy, i, j).eval(), (h, b)))
+            h = cast(nn.ModuleList, branches)[-1](h, deploy.shortcuts[i](h))
+    return out
+
+
+def export_gated_onnx_segments(
+    deploy: GatedDeploy, example: torch.Tensor, out: Path, *, name: str
+) -> dict[str, Path]:
+    """One ONNX graph per segment, ``out/NAME.SEGMENT.onnx``; returns segment -> path."""
+    paths = {}
+    try:
+        for segment, module, args in _segments(deploy.eval(), example):
+            path = out / f"{name}.{segment}.onnx"
+            with _quiet():
+                program = torch.onnx.export(
+                    module,
+                    args,
+                    dynamo=True,
+                    input_names=["features", "budget"],
+                    optimize=True,
+                    verbose=False,
+                )
+                program.save(str(path))
+            paths[segment] = path
+    except Exception as exc:
+        raise ExportError(f"gated ONNX export failed: {type(exc).__name__}: {str(exc)[:500]}") from exc
+    return paths
+
+
+GatedFiles = Path | dict[str, Path]
+"""One file holding the whole gated model, or one file per segment."""
 
 
 def export_gated(
-    deploy: GatedDeploy,
-    example: torch.Tensor,
-    path: Path,
-    runtime: Runtime,
-    *,
-    gating: Gating,
-    budget: BudgetInput,
-) -> None:
-    """Export ``deploy`` for ``runtime`` to ``path``."""
+    deploy: GatedDeploy, example: torch.Tensor, out: Path, runtime: Runtime, *, name: str
+) -> GatedFiles:
+    """Export ``deploy`` for ``runtime`` into directory ``out``: ONNX as one graph per segment, ExecuTorch
+    as one multi-method ``NAME.pte``."""
     if runtime == "onnx":
-        export_gated_onnx(deploy, example, path, budget=budget, widths_output=gating.widths_output)
-    else:
-        export_gated_pte(deploy, example, path)
+        return export_gated_onnx_segments(deploy, example, out, name=name)
+    path = out / f"{name}.pte"
+    export_gated_pte(deploy, example, path)
+    return path
 
 
 def gated_runner(
-    path: Path, runtime: Runtime, *, gating: Gating, budget: BudgetInput, threads: int = 1
+    files: GatedFiles, runtime: Runtime, *, gating: Gating, budget: BudgetInput, threads: int = 1
 ) -> Callable[[np.ndarray, float], tuple[np.ndarray, tuple[int, ...]]]:
     """``(x, budget) -> (logits, width indices)`` through the agent's runtime facade, as a device runs it."""
-    return make_backend(runtime, threads=threads).load_gated(path, gating=gating, budget=budget).run
+    return make_backend(runtime, threads=threads).load_gated(files, gating=gating, budget=budget).run
 
 
 @torch.no_grad()
 def verify_gated(
     deploy: GatedDeploy,
-    path: Path,
+    files: GatedFiles,
     runtime: Runtime,
     inputs: torch.Tensor,
     budgets: Sequence[float],
@@ -313,10 +351,11 @@ def verify_gated(
 ) -> float:
     """Every input at every budget: the file picks the same widths as eager and its logits are within
     ``atol``; raises :class:`VerificationError` otherwise. Returns the largest difference seen."""
+    label = files.name if isinstance(files, Path) else f"the gated {runtime} segments"
     try:
-        run = gated_runner(path, runtime, gating=gating, budget=budget)
+        run = gated_runner(files, runtime, gating=gating, budget=budget)
     except Exception as exc:
-        raise VerificationError(f"{path.name} does not load in {runtime}: {exc}") from exc
+        raise VerificationError(f"{label} does not load in {runtime}: {exc}") from exc
     deploy.eval()
     worst = 0.0
     for b in budgets:
@@ -326,9 +365,9 @@ def verify_gated(
             got, got_picks = run(x.numpy(), b)
             if tuple(int(p) for p in picks) != tuple(got_picks):
                 raise VerificationError(
-                    f"{path.name} in {runtime} picks widths {got_picks} at budget {b}, eager {picks.tolist()}"
+                    f"{label} in {runtime} picks widths {got_picks} at budget {b}, eager {picks.tolist()}"
                 )
             worst = max(worst, float(np.abs(got - expected.numpy()).max()))
     if not worst <= atol:
-        raise VerificationError(f"{path.name} differs from eager by {worst:.3g} in {runtime} (limit {atol})")
+        raise VerificationError(f"{label} differs from eager by {worst:.3g} in {runtime} (limit {atol})")
     return worst
