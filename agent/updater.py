@@ -493,9 +493,8 @@ class Updater:
         for v in manifest.variants:
             if self.config.variants is not None and v.name not in self.config.variants:
                 continue
-            f = v.file_for(self.runtime)  # type: ignore[arg-type]
-            if f is not None:
-                out[f.path] = (f.sha256, f.size_bytes)
+            for f in v.files_for(self.runtime):  # type: ignore[arg-type]
+                out[f.path] = (f.sha256, f.size_bytes)  # one file, or one per segment of a gated variant
         if not out:
             raise UpdateError(f"the target bundle has no {self.runtime} file for this device's variants")
         return out
