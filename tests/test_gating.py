@@ -238,3 +238,18 @@ def test_policy_turns_the_budget_down_under_pressure(gated_bundle: CompileResult
     low = policy.decide(Readings(battery_pct=15.0, charging=False), now=1.0)
     assert calm.variant == low.variant == "gated"
     assert calm.budget is not None and low.budget is not None and low.budget < calm.budget
+
+
+@pytest.mark.export
+@pytest.mark.slow
+def test_gate_decisions_depend_on_the_input(gated_bundle: CompileResult, signing_keys: KeyPair) -> None:
+    manifest = open_bundle(gated_bundle.out, public_key=load_public_key(signing_keys.public))
+    server = ModelServer(gated_bundle.out, manifest, make_backend("onnx"), preload=["gated"])
+    images = np.random.default_rng(1).integers(0, 255, (12, 28, 28), dtype=np.uint8)
+    differing = []
+    for budget in np.linspace(0.25, 1.0, 31):
+        widths = {server.infer(image, variant="gated", budget=float(budget)).widths for image in images}
+        if len(widths) > 1:
+            differing.append(float(budget))
+    # at some budgets, different inputs get different widths: the gates read the input, not only the budget
+    assert differing, "every input got the same widths at every budget"
