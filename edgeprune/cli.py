@@ -43,6 +43,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         out=args.out,
         model=args.model,
         epochs=args.epochs,
+        min_run_s=args.min_run,
     )
     return 0
 
@@ -211,9 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo",
         help="run the end-to-end demo on embedded defaults",
-        description="Run the demo. Today: compile (or reuse) the reference bundle, then simulated "
-        "devices serve its variants and report over MQTT to a collector that checks the contract; the "
-        "full demo (adaptive agents, fleet manager, rollouts) arrives with issue #8.",
+        description="Run the whole product on this machine: compile (or reuse) the reference bundle and make "
+        "a second version of it; start a private Mosquitto and the fleet manager (dashboard URL printed); "
+        "run a simulated fleet of mixed device profiles whose batteries drain, so each agent steps down its "
+        "variants; roll the new version out in stages behind health gates (shipped as a delta); print a "
+        "summary and write plots under --out. Ctrl-C stops everything cleanly.",
     )
     demo.add_argument(
         "--data",
@@ -221,11 +224,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="Fashion-MNIST directory (default: $EDGEPRUNE_FASHION_MNIST_DIR or the Debian path)",
     )
-    demo.add_argument("--devices", type=int, default=3, help="simulated devices (default 3)")
+    demo.add_argument("--devices", type=int, default=8, help="simulated devices (default 8)")
     demo.add_argument("--fleet", default="demo", help="fleet id (default 'demo')")
-    demo.add_argument("--out", type=Path, default=Path("out/demo"), help="where the bundle and keys go")
+    demo.add_argument(
+        "--out", type=Path, default=Path("out/demo"), help="bundles, keys, fleet database and plots go here"
+    )
     demo.add_argument("--model", default="reference", help="model to compile (default reference)")
     demo.add_argument("--epochs", type=float, default=None, help="dense training epochs (default 12)")
+    demo.add_argument(
+        "--min-run",
+        type=float,
+        default=40.0,
+        metavar="SECONDS",
+        help="keep the fleet running at least this long, so batteries drain and variants change (default 40)",
+    )
     demo.set_defaults(func=_cmd_demo)
 
     data = sub.add_parser("data", help="inspect reference data")

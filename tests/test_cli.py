@@ -126,18 +126,30 @@ def test_demo_runs_end_to_end_on_fixture_data(fixture_data_dir: Path, tmp_path: 
         "tests.tiny_models:residual",
         "--epochs",
         "0.5",
+        "--min-run",
+        "5",
     ]
     out = run(*args, env={"PYTHONPATH": str(root)}, timeout=600)
-    assert out.returncode == 0, out.stderr
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "100 test images" in out.stdout
     assert "signature verified" in out.stdout
-    for device in ("dev-000", "dev-001"):
-        assert f"    {device}" in out.stdout  # a summary row per device
-    assert "collector rejected: 1" in out.stdout
-    # both agents were born, sent metrics and went offline cleanly, all through the contract
-    accepted = out.stdout.split("collector accepted: ")[1].splitlines()[0]
-    assert "'birth': 2" in accepted and "'metrics'" in accepted and "'status'" in accepted
+    version = out.stdout.split("==> making ")[1].split(":")[0]  # the second bundle version, e.g. 1.0.0-ft1
+    assert "dashboard: http://127.0.0.1:" in out.stdout and "/?token=" in out.stdout
+    # the fleet manager registered both devices before the rollout, and the malformed payload was rejected
+    assert "fleet manager: 2/2 devices registered" in out.stdout
+    assert "rejected: {'reject.invalid': 1}" in out.stdout
+    assert f"rollout completed: every device committed {version}" in out.stdout
+    summary = out.stdout.split("==> summary")[1]
+    rows = [line.split() for line in summary.splitlines() if line.startswith("    ") and "-000" in line]
+    assert len(rows) == 2, summary  # a summary row per device (profiles pixel and rpi4)
+    assert all(row[5] == version for row in rows), rows  # every device ends on v2, per the registry
+    assert f"fleet manager registered 2 device(s); bundle versions now: {version}\n" in summary
+    assert "update shipped: " in summary and "(delta)" in summary
+    assert f"rollout of {version}: completed" in summary
     assert (tmp_path / "demo" / "bundle" / "manifest.json").is_file()
+    assert (tmp_path / "demo" / "plots" / "battery_variant.png").is_file()
+    assert (tmp_path / "demo" / "fleet.db").is_file()
     again = run(*args, env={"PYTHONPATH": str(root)}, timeout=600)  # the second run reuses the bundle
-    assert again.returncode == 0, again.stderr
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "reusing" in again.stdout
+    assert f"rollout of {version}: completed" in again.stdout
