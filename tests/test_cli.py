@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -145,6 +146,12 @@ def test_demo_runs_end_to_end_on_fixture_data(fixture_data_dir: Path, tmp_path: 
     assert all(row[5] == version for row in rows), rows  # every device ends on v2, per the registry
     assert f"fleet manager registered 2 device(s); bundle versions now: {version}\n" in summary
     assert "update shipped: " in summary and "(delta)" in summary
+    shipped = re.search(r"update shipped: ([\d,]+) bytes per device \(delta\) vs ([\d,]+) bytes", summary)
+    assert shipped, summary
+    delta_bytes, full_bytes = (int(g.replace(",", "")) for g in shipped.groups())
+    assert 0 < delta_bytes < full_bytes
+    # at least one device stepped down because of its battery, with the policy's reason
+    assert re.search(r"battery [\d.]+% < \d+% and not charging", summary), summary
     assert f"rollout of {version}: completed" in summary
     assert (tmp_path / "demo" / "bundle" / "manifest.json").is_file()
     assert (tmp_path / "demo" / "plots" / "battery_variant.png").is_file()
