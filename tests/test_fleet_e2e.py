@@ -16,12 +16,16 @@ import pytest
 from agent.contract import Readings
 from agent.signing import KeyPair, load_private_key, sign_manifest
 from fleet.broker import MosquittoBroker, free_port
+from fleet.gates import Gates
 from fleet.registry import upload_bundle
 from fleet.rollouts import Cohort, RolloutSpec
 from fleet.server import FleetServer, ServeConfig
 
 pytestmark = [pytest.mark.broker, pytest.mark.export, pytest.mark.slow]
 
+# The p90 latency of a 1M-MAC test model on a loaded CI machine is noise (a 6.95x "regression" halted a
+# rollout once); the latency gate is tested with controlled telemetry in tests/test_fleet_rollouts.py.
+NO_LATENCY_GATE = Gates(max_p90_ratio=None)
 FLEET = "e2e"
 
 
@@ -100,6 +104,7 @@ def test_a_real_agent_is_updated_by_a_rollout(
                     cohort=Cohort(devices=("real-01",)),
                     soak_s=0,
                     health_window_s=1.0,
+                    gates=NO_LATENCY_GATE,
                 )
             )
             image = np.zeros((28, 28), dtype=np.uint8)
@@ -194,6 +199,7 @@ def test_a_failing_canary_halts_the_rollout_and_real_agents_roll_back(
                     stages=(100,),
                     soak_s=0,
                     health_window_s=1.0,
+                    gates=NO_LATENCY_GATE,
                 )
             )
             image = np.zeros((28, 28), dtype=np.uint8)
