@@ -13,11 +13,9 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
 from agent.contract import MANIFEST_FILENAME, BundleManifest
 from agent.errors import UserError
-from agent.signing import verify_manifest
+from agent.signing import PublicKey, verify_manifest
 
 __all__ = ["BundleError", "file_sha256", "open_bundle", "pack_bundle", "unpack_bundle"]
 
@@ -34,7 +32,7 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def open_bundle(directory: Path, *, public_key: Ed25519PublicKey | None) -> BundleManifest:
+def open_bundle(directory: Path, *, public_key: PublicKey | None) -> BundleManifest:
     """Read and check ``directory`` and, given ``public_key``, its signature.
 
     ``public_key=None`` skips the signature check: only for trusted local tools, never on a device.
@@ -83,7 +81,7 @@ def pack_bundle(directory: Path, archive: Path) -> Path:
     return archive
 
 
-def unpack_bundle(archive: Path, directory: Path, *, public_key: Ed25519PublicKey | None) -> BundleManifest:
+def unpack_bundle(archive: Path, directory: Path, *, public_key: PublicKey | None) -> BundleManifest:
     """Extract ``archive`` into ``directory`` (which must not exist) and check it like :func:`open_bundle`.
 
     Members that would land outside ``directory`` (absolute paths, ``..``, links) are refused by the tar

@@ -52,14 +52,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
 from agent.bundle import BundleError, file_sha256
 from agent.contract import MANIFEST_FILENAME, BundleManifest, UpdateInstruction, UpdateState
 from agent.delta import UPDATE_FILENAME, DeltaError, UpdateManifest, apply_file, write_atomic
 from agent.download import NotFound, download, fetch_bytes
 from agent.errors import UserError
-from agent.signing import verify_manifest
+from agent.signing import PublicKey, verify_manifest
 
 __all__ = [
     "TRANSITIONS",
@@ -157,7 +155,7 @@ class UpdaterConfig:
     """Free bytes of the filesystem holding a path; ``None`` asks the OS (tests inject a full disk)."""
 
 
-def open_for_runtime(directory: Path, *, public_key: Ed25519PublicKey | None, runtime: str) -> BundleManifest:
+def open_for_runtime(directory: Path, *, public_key: PublicKey | None, runtime: str) -> BundleManifest:
     """Like :func:`agent.bundle.open_bundle` but only the files for ``runtime`` must be present.
 
     A device installs only its runtime's files; every file that is present and listed is still checked.
@@ -234,7 +232,7 @@ class Updater:
         self,
         state_dir: Path,
         *,
-        public_key: Ed25519PublicKey,
+        public_key: PublicKey,
         runtime: str,
         config: UpdaterConfig | None = None,
         free_bytes: Callable[[Path], int] = _disk_free,

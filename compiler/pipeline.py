@@ -36,7 +36,7 @@ from agent.contract import (
     Runtime,
     Variant,
 )
-from agent.signing import load_private_key, sign_manifest
+from agent.signing import load_private_key, public_key_of, sign_manifest
 from compiler import cache
 from compiler.data import Splits, load_splits
 from compiler.errors import CompileError
@@ -482,7 +482,7 @@ def _write_bundle(
     key = load_private_key(opts.key)
     manifest = sign_manifest(manifest, key)
     (tmp / MANIFEST_FILENAME).write_text(manifest.model_dump_json(indent=1))
-    open_bundle(tmp, public_key=key.public_key())  # the last check before it is visible
+    open_bundle(tmp, public_key=public_key_of(key))  # the last check before it is visible
     notes = [
         f"criterion `{opts.criterion}`, per-layer ratios from the sensitivity scan: {opts.auto}, "
         f"fine-tune {opts.finetune_epochs} epoch(s) with distillation from dense",

@@ -17,7 +17,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
@@ -26,6 +25,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict
 
 from agent.errors import EdgepruneError, UserError
+from agent.signing import PublicKey
 from fleet.registry import upload_bundle
 from fleet.rollouts import RolloutManager, RolloutSpec
 from fleet.store import Store
@@ -112,7 +112,7 @@ def create_app(
     manager: RolloutManager,
     token: str,
     data_dir: Path,
-    public_key: Ed25519PublicKey | None,
+    public_key: PublicKey | None,
     ingest_stats: Callable[[], dict[str, Any]] | None = None,
 ) -> FastAPI:
     """The whole HTTP surface of one fleet manager (see the module docstring)."""

@@ -322,11 +322,3 @@ def add_fleet_parser(sub: Any) -> None:
     create.add_argument("--max-failure-rate", type=float, default=None)
     create.add_argument("--max-p90-ratio", type=float, default=None)
     rollouts.set_defaults(func=_cmd_rollouts)
-
-    try:  # the security part (issue #7) adds its own commands, e.g. `fleet provision`
-        from fleet import security
-    except ImportError:
-        return
-    add = getattr(security, "add_security_parsers", None)
-    if add is not None:
-        add(fleet_sub)

@@ -17,11 +17,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
 from agent.bundle import open_bundle, unpack_bundle
 from agent.contract import MANIFEST_FILENAME
 from agent.errors import UserError
+from agent.signing import PublicKey
 from fleet.store import Store
 
 __all__ = ["BundleUploadError", "bundle_dir", "update_dir", "upload_bundle"]
@@ -47,7 +46,7 @@ def _freeze(directory: Path) -> None:
 
 
 def upload_bundle(
-    store: Store, *, data_dir: Path, source: Path, public_key: Ed25519PublicKey | None
+    store: Store, *, data_dir: Path, source: Path, public_key: PublicKey | None
 ) -> dict[str, Any]:
     """Check ``source`` (a bundle directory or a ``.tar`` from :func:`agent.bundle.pack_bundle`) against
     ``public_key`` and store it. Uploading the same bundle twice is a no-op; another bundle under a

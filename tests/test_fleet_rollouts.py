@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.bundle import BundleError
 from agent.contract import (
@@ -23,7 +22,7 @@ from agent.contract import (
     parse_message,
     parse_topic,
 )
-from agent.signing import KeyPair, SignatureError, load_public_key
+from agent.signing import KeyPair, PublicKey, SignatureError, load_public_key
 from fleet.gates import Gates
 from fleet.registry import BundleUploadError, upload_bundle
 from fleet.rollouts import Cohort, RolloutError, RolloutManager, RolloutSpec, stage_sizes
@@ -40,7 +39,7 @@ class Fleet:
     def __init__(self, url: str, data: Path, keys: KeyPair, *, devices: int = 10) -> None:
         self.store = Store(url)
         self.data = data
-        self.key: Ed25519PublicKey = load_public_key(keys.public)
+        self.key: PublicKey = load_public_key(keys.public)
         for version in ("1.0.0", "1.1.0"):
             make_bundle(data / "src" / version, keys, version=version)
             upload_bundle(self.store, data_dir=data, source=data / "src" / version, public_key=self.key)
