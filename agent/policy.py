@@ -1,6 +1,7 @@
 """The variant/budget policy: which variant of the bundle to run, and at which budget, right now.
 
-The bundle's runnable variants form a *ladder* from the most expensive (most accurate) to the cheapest.
+The bundle's runnable variants form a *ladder* from the most expensive (most accurate) to the cheapest:
+by MACs, except that a variant clearly slower on this runtime than a costlier one ranks above it.
 Each decision turns the readings into a *pressure level*:
 
 * every stressed sensor adds one level: battery below ``low_battery_pct`` and not charging, CPU load
@@ -154,6 +155,38 @@ def _cost_macs(variant: Variant) -> int:
     return variant.macs
 
 
+CLEARLY_SLOWER = 1.25
+"""A variant ranks above one with more MACs only if its median latency is this many times that one's,
+and above that one's p90 too: closer latencies are within a shared machine's noise."""
+
+
+def _clearly_slower(a: Variant, b: Variant, runtime: Runtime) -> bool:
+    la, lb = a.latency.get(runtime), b.latency.get(runtime)
+    if la is None or lb is None:
+        return False
+    return la.median_ms > CLEARLY_SLOWER * lb.median_ms and la.median_ms > lb.p90_ms
+
+
+def _ladder_order(runnable: list[tuple[int, Variant]], runtime: Runtime) -> list[Variant]:
+    """Most expensive first: by MACs (then accuracy, then manifest order), except that a variant whose
+    measured latency on ``runtime`` is clearly above a costlier one's moves above it (a gated variant's
+    dispatch overhead can make it slower than a static one with more MACs). Latencies within noise
+    never reorder the ladder: on a small model 20 timed runs on a busy machine can rank them either way.
+    """
+
+    def by_macs(item: tuple[int, Variant]) -> tuple[int, float, int]:
+        index, v = item
+        return (-_cost_macs(v), -(v.accuracy if v.accuracy is not None else -1.0), index)
+
+    order: list[Variant] = []
+    for _, v in sorted(runnable, key=by_macs):  # insertion: move up past every rung it is clearly slower than
+        at = len(order)
+        while at > 0 and _clearly_slower(v, order[at - 1], runtime):
+            at -= 1
+        order.insert(at, v)
+    return order
+
+
 def _num(value: float) -> str:
     """A reading or threshold for a reason: ``18``, ``18.5``, ``72.3`` (one decimal at most)."""
     value = float(value)
@@ -186,16 +219,8 @@ class Policy:
                 f"bundle {manifest.model_id} {manifest.bundle_version} has no {runtime} variant",
                 hint="serve it with a runtime its variants were exported for",
             )
-        by_latency = all(runtime in v.latency for _, v in runnable)
-
-        def cost(item: tuple[int, Variant]) -> tuple[float, int, float, int]:
-            index, v = item
-            latency = v.latency[runtime].median_ms if by_latency else 0.0
-            accuracy = v.accuracy if v.accuracy is not None else -1.0
-            return (-latency, -_cost_macs(v), -accuracy, index)
-
         self.runtime: Runtime = runtime
-        self._rungs = tuple(self._rung(v, runtime) for _, v in sorted(runnable, key=cost))
+        self._rungs = tuple(self._rung(v, runtime) for v in _ladder_order(runnable, runtime))
         self._accuracy = {v.name: v.accuracy for _, v in runnable}
         self._current: int | None = None
         self._last_change: float | None = None

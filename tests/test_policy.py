@@ -75,13 +75,35 @@ def test_ladder_ranks_by_macs_without_latency() -> None:
     assert Policy(m, PolicyConfig()).ladder == ("s25", "s50", "s75")
 
 
-def test_ladder_ranks_by_measured_latency_for_the_runtime_when_every_variant_has_it() -> None:
-    # s50 has fewer MACs than s25 but is slower on this runtime: latency decides.
+def test_ladder_ranks_a_clearly_slower_variant_above_a_costlier_one() -> None:
+    # s50 has fewer MACs than s25 but is clearly slower on this runtime: latency decides.
     m = manifest_with(
         variant("s25", macs=30, accuracy=0.92, latency_ms=1.0),
         variant("s50", macs=20, accuracy=0.90, latency_ms=2.0),
     )
     assert Policy(m, PolicyConfig()).ladder == ("s50", "s25")
+
+
+@pytest.mark.parametrize("slower", [1.0, 1.1, 1.2, 1.24])
+def test_latencies_within_noise_do_not_reorder_the_ladder(slower: float) -> None:
+    # A tiny model timed 20 times on a busy machine: s50's median above s25's is noise, MACs decide.
+    m = manifest_with(
+        variant("dense", macs=40, accuracy=0.93, latency_ms=0.020),
+        variant("s25", macs=30, accuracy=0.92, latency_ms=0.020),
+        variant("s50", macs=20, accuracy=0.90, latency_ms=0.020 * slower),
+    )
+    assert Policy(m, PolicyConfig()).ladder == ("dense", "s25", "s50")
+
+
+def test_a_clearly_slower_variant_moves_past_every_rung_it_is_slower_than() -> None:
+    # A gated variant with few MACs but a large fixed dispatch cost: slower than s25 and s50, not dense.
+    m = manifest_with(
+        variant("dense", macs=40, accuracy=0.93, latency_ms=3.0),
+        variant("s25", macs=30, accuracy=0.92, latency_ms=1.0),
+        variant("s50", macs=20, accuracy=0.90, latency_ms=0.5),
+        variant("gated", macs=10, accuracy=0.91, latency_ms=2.0),
+    )
+    assert Policy(m, PolicyConfig()).ladder == ("dense", "gated", "s25", "s50")
 
 
 def test_ladder_breaks_cost_ties_by_accuracy() -> None:
