@@ -20,11 +20,15 @@ loads files, it does not check their hashes or the signature.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import logging
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, cast, get_args, runtime_checkable
@@ -127,68 +131,69 @@ class _OnnxModel:
         return self._run(None, {self._input: x})[0]
 
 
-class _OnnxGated:
-    __slots__ = ("_budget", "_image", "_logits_at", "_run", "_widths_at")
-
-    def __init__(self, session: Any, path: Path, gating: Gating, budget: BudgetInput) -> None:
-        inputs = [i.name for i in session.get_inputs()]
-        outputs = [o.name for o in session.get_outputs()]
-        if len(inputs) != 2 or budget.name not in inputs or gating.widths_output not in outputs:
-            raise BackendError(
-                f"{path} is not a gated graph: inputs {inputs}, outputs {outputs}; the manifest expects "
-                f"the budget input {budget.name!r} and the output {gating.widths_output!r}"
-            )
-        self._image = next(name for name in inputs if name != budget.name)
-        self._budget = budget.name
-        self._widths_at = outputs.index(gating.widths_output)
-        self._logits_at = 1 - self._widths_at
-        self._run: Callable[[Any, dict[str, np.ndarray]], list[np.ndarray]] = session.run
-
-    def run(self, x: np.ndarray, budget: float) -> tuple[np.ndarray, tuple[int, ...]]:
-        out = self._run(None, {self._image: x, self._budget: np.array(budget, dtype=np.float32)})
-        return out[self._logits_at], tuple(int(i) for i in out[self._widths_at])
+_Segment = Callable[[list[Any]], Sequence[Any]]
+"""One segment of a gated variant, loaded: its inputs -> its outputs, as the runtime's own values."""
 
 
-class _OnnxSegments:
-    """The dispatcher of a gated variant shipped as one ONNX graph per segment (the fastest form in
-    onnxruntime: no ``If`` overhead, every convolution pre-packed): ``stem``, then per block the graph the
-    previous segment's gate named. Each graph takes (features, budget) and returns (features, index),
-    the last block's (logits,)."""
+class _GatedSegments:
+    """The dispatcher of a gated variant shipped as segments, in either runtime (see
+    :class:`agent.contract.Gating`): ``stem``, then per block the segment ``block{i}_w{j}`` the previous
+    segment's gate named. Each takes (features, budget) and returns (features, index), the last block's
+    (logits,).
 
-    __slots__ = ("_blocks", "_stem")
+    A backend supplies ``segments`` (name -> :data:`_Segment`), ``inputs`` turning the image and the budget
+    into its runtime's values, ``logits`` turning the result back into an array, and a ``lock`` where
+    runs must not overlap.
+    """
 
-    def __init__(self, sessions: Mapping[str, Any], gating: Gating) -> None:
+    __slots__ = ("_blocks", "_inputs", "_lock", "_logits", "_stem")
+
+    def __init__(
+        self,
+        segments: Mapping[str, _Segment],
+        gating: Gating,
+        *,
+        where: str,
+        inputs: Callable[[np.ndarray, float], tuple[Any, Any]],
+        logits: Callable[[Any], np.ndarray],
+        lock: AbstractContextManager[Any] | None = None,
+    ) -> None:
         wanted = ["stem"] + [
             f"block{i}_w{j}" for i, b in enumerate(gating.blocks) for j in range(len(b.widths))
         ]
-        missing = [w for w in wanted if w not in sessions]
+        missing = [w for w in wanted if w not in segments]
         if missing:
-            raise BackendError(f"the gated ONNX segments lack {missing[:4]}")
-
-        def bind(session: Any) -> Callable[[np.ndarray, np.ndarray], list[np.ndarray]]:
-            inputs = [i.name for i in session.get_inputs()]
-            run = session.run
-
-            def call(h: np.ndarray, b: np.ndarray) -> list[np.ndarray]:
-                return run(None, {inputs[0]: h, inputs[1]: b})  # type: ignore[no-any-return]
-
-            return call
-
-        self._stem = bind(sessions["stem"])
+            raise BackendError(f"the gated segments {missing[:4]} are missing from {where}")
+        self._stem = segments["stem"]
         self._blocks = [
-            [bind(sessions[f"block{i}_w{j}"]) for j in range(len(b.widths))]
-            for i, b in enumerate(gating.blocks)
+            [segments[f"block{i}_w{j}"] for j in range(len(b.widths))] for i, b in enumerate(gating.blocks)
         ]
+        self._inputs = inputs
+        self._logits = logits
+        self._lock = nullcontext() if lock is None else lock
 
     def run(self, x: np.ndarray, budget: float) -> tuple[np.ndarray, tuple[int, ...]]:
-        b = np.array(budget, dtype=np.float32)
-        out = self._stem(x, b)
+        h, b = self._inputs(x, budget)
         picks = []
-        for methods in self._blocks:
-            j = int(out[1][0])
-            picks.append(j)
-            out = methods[j](out[0], b)
-        return out[0], tuple(picks)
+        with self._lock:
+            out = self._stem([h, b])
+            for widths in self._blocks:
+                j = int(out[1][0])
+                picks.append(j)
+                out = widths[j]([out[0], b])
+            logits = self._logits(out[0])
+        return logits, tuple(picks)
+
+
+def _onnx_segment(session: Any) -> _Segment:
+    """A two-input ONNX graph as a :data:`_Segment` of numpy arrays."""
+    first, second = (i.name for i in session.get_inputs())
+    run = session.run
+    return lambda values: run(None, {first: values[0], second: values[1]})
+
+
+def _onnx_inputs(x: np.ndarray, budget: float) -> tuple[np.ndarray, np.ndarray]:
+    return x, np.array(budget, dtype=np.float32)
 
 
 class OnnxBackend:
@@ -213,9 +218,12 @@ class OnnxBackend:
     def load_gated(
         self, path: Path | Mapping[str, Path], *, gating: Gating, budget: BudgetInput
     ) -> GatedModel:
-        if isinstance(path, Mapping):
-            return _OnnxSegments({name: self._session(p) for name, p in path.items()}, gating)
-        return _OnnxGated(self._session(path), path, gating, budget)
+        if not isinstance(path, Mapping):
+            raise BackendError(f"a gated ONNX variant ships one graph per segment, not one file ({path})")
+        segments = {name: _onnx_segment(self._session(p)) for name, p in path.items()}
+        return _GatedSegments(
+            segments, gating, where="the gated ONNX files", inputs=_onnx_inputs, logits=lambda v: v
+        )
 
     def _session(self, path: Path) -> Any:
         opts = ort.SessionOptions()
@@ -246,42 +254,6 @@ class _ExecutorchModel:
         with self._lock:
             out: np.ndarray = self._method.execute([self._from_numpy(x)])[0].numpy()
         return out
-
-
-class _ExecutorchGated:
-    """The dispatcher of a multi-method gated ``.pte``: ``stem``, then per block the method the previous
-    segment's gate named (``block{i}_w{j}``); see :class:`agent.contract.Gating`."""
-
-    __slots__ = ("_blocks", "_f32", "_from_numpy", "_lock", "_stem", "_tensor")
-
-    def __init__(self, program: Any, path: Path, gating: Gating, torch_mod: Any) -> None:
-        names = set(program.method_names)
-        wanted = {"stem"} | {
-            f"block{i}_w{j}" for i, b in enumerate(gating.blocks) for j in range(len(b.widths))
-        }
-        if not wanted <= names:
-            raise BackendError(f"{path} lacks the gated methods {sorted(wanted - names)[:4]}...")
-        self._stem = program.load_method("stem")
-        self._blocks = [
-            [program.load_method(f"block{i}_w{j}") for j in range(len(b.widths))]
-            for i, b in enumerate(gating.blocks)
-        ]
-        self._from_numpy: Callable[[np.ndarray], Any] = torch_mod.from_numpy
-        self._tensor: Callable[..., Any] = torch_mod.tensor
-        self._f32: Any = torch_mod.float32
-        self._lock = threading.Lock()
-
-    def run(self, x: np.ndarray, budget: float) -> tuple[np.ndarray, tuple[int, ...]]:
-        b = self._tensor(budget, dtype=self._f32)
-        picks = []
-        with self._lock:
-            out = self._stem.execute([self._from_numpy(x), b])
-            for methods in self._blocks:
-                j = int(out[1][0])
-                picks.append(j)
-                out = methods[j].execute([out[0], b])
-            logits: np.ndarray = out[0].numpy()
-        return logits, tuple(picks)
 
 
 class ExecutorchBackend:
@@ -325,9 +297,19 @@ class ExecutorchBackend:
     ) -> GatedModel:
         if isinstance(path, Mapping):
             raise BackendError("a gated .pte holds every segment as a method of one file, not one file each")
+        torch_mod, from_numpy = self._torch, self._from_numpy
         try:
             program = self._runtime.load_program(path)
-            return _ExecutorchGated(program, path, gating, self._torch)
+            # every method of a gated .pte is a segment: ``stem`` and ``block{i}_w{j}``
+            segments = {name: program.load_method(name).execute for name in program.method_names}
+            return _GatedSegments(
+                segments,
+                gating,
+                where=str(path),
+                inputs=lambda x, b: (from_numpy(x), torch_mod.tensor(b, dtype=torch_mod.float32)),
+                logits=lambda t: t.numpy(),
+                lock=threading.Lock(),  # an ExecuTorch Method owns its planned memory: runs must not overlap
+            )
         except BackendError:
             raise
         except Exception as exc:
@@ -713,6 +695,7 @@ class ModelServer:
                 f"{path} returns shape {out.shape}; the manifest's {self._out_shape[1]} classes need "
                 f"{self._out_shape}"
             )
+        release_free_heap()
         log.info("loaded %s (%s, %.1f kB) in %.0f ms", name, path.name, size / 1e3, _ms_since(started))
         budget = variant.budget
         return _Slot(
@@ -727,6 +710,25 @@ class ModelServer:
 
     def __repr__(self) -> str:
         return f"ModelServer({self._bundle}, backend={self._backend!r}, active={self.active!r})"
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return cast(Callable[[int], int], trim)
+
+
+def release_free_heap() -> None:
+    """Give the heap that loading a model freed (the parsed protobuf, the optimiser's scratch) back to
+    the OS. glibc keeps freed memory for reuse otherwise: about 6 MB of resident memory for the
+    reference bundle's four variants. A no-op where the C library is not glibc."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _ms_since(start: float) -> float:

@@ -9,7 +9,7 @@ static network of each inner width, and times them all in ONE process, interleav
 the agent's runtime facade. Reports, per runtime: speed-up of the gated form over dense at each width,
 the MACs ratio, and the gated form's time relative to the static net of the same width (how much the
 gating costs over a network that was pruned to that width). For ONNX it also times the single-graph
-form with ``If`` nodes, which bundles do not ship because it is slower.
+form with ``If`` nodes (``bench/_gated_if.py``), which bundles do not ship.
 
     python bench/gated_speed.py [--checkpoint ~/.cache/edgeprune/dense-KEY.pt] [--runs 400] [--json FILE]
 """
@@ -20,20 +20,20 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import cast
 
 import numpy as np
 import torch
+from _gated_if import export_gated_if, load_gated_if  # beside this script (python bench/gated_speed.py)
 from torch import nn
 
 from agent.contract import BudgetInput, Runtime
 from compiler.export import export_onnx, export_pte, load_runner
-from compiler.gating.deploy import GatedDeploy, export_gated, export_gated_onnx, gated_runner, gating_spec
+from compiler.gating.deploy import GatedDeploy, export_gated, gated_runner, gating_spec
 from compiler.gating.slim import BUDGET_SCALE, SlimNet
-from compiler.measure import count_macs_params, host_description
+from compiler.measure import count_macs_params, host_description, time_interleaved
 from compiler.reference import ReferenceNet
 
 BUDGET_FOR_WIDTH = (0.2, 0.4, 0.6, 0.9)
@@ -120,30 +120,11 @@ def _export(
         for j, b in enumerate(BUDGET_FOR_WIDTH):
             timers[(f"gated-w{j}", cast(Runtime, rt))] = lambda grun=grun, b=b: grun(x, b)
     # the single-graph ONNX form with If nodes, for comparison (bundles ship the segments)
-    export_gated_onnx(
-        deploy, example, out / "gated-if.onnx", budget=budget, widths_output=gating.widths_output
-    )
-    irun = gated_runner(out / "gated-if.onnx", "onnx", gating=gating, budget=budget, threads=threads)
+    export_gated_if(slim, example, out / "gated-if.onnx", budget=budget, widths_output=gating.widths_output)
+    irun = load_gated_if(out / "gated-if.onnx", budget=budget, threads=threads)
     for j, b in enumerate(BUDGET_FOR_WIDTH):
         timers[(f"gated-if-w{j}", "onnx")] = lambda b=b: irun(x, b)
     return timers, macs
-
-
-def _time(timers: Timers, runs: int, rounds: int) -> dict[tuple[str, Runtime], float]:
-    """Median milliseconds per key, all timed interleaved over ``rounds``."""
-    samples: dict[tuple[str, Runtime], list[float]] = {k: [] for k in timers}
-    for fn in timers.values():
-        for _ in range(30):
-            fn()
-    per_round = max(1, runs // rounds)
-    print(f"==> timing {len(timers)} (model, runtime) pairs, {runs} runs each, interleaved", flush=True)
-    for _ in range(rounds):
-        for key, fn in timers.items():
-            for _ in range(per_round):
-                start = time.perf_counter()
-                fn()
-                samples[key].append(time.perf_counter() - start)
-    return {k: float(np.median(v)) * 1e3 for k, v in samples.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     net, slim, deploy, example = _build(args.checkpoint)
     timers, macs = _export(net, slim, deploy, example, args.threads)
     torch.set_num_threads(1)
-    med = _time(timers, args.runs, args.rounds)
+    print(f"==> timing {len(timers)} (model, runtime) pairs, {args.runs} runs each, interleaved", flush=True)
+    timed = time_interleaved(timers, runs=args.runs, rounds=args.rounds, warmup=30, threads=args.threads)
+    med = {key: latency.median_ms for key, latency in timed.items()}
     rows = []
     widths = [f"{round(100 * w / slim.blocks[0].widths[-1])}%" for w in slim.blocks[0].widths]
     for rt in ("onnx", "executorch"):

@@ -11,11 +11,12 @@ import torch
 from torch import nn
 
 from agent.bundle import open_bundle
-from agent.contract import BundleManifest, Readings
+from agent.contract import BudgetInput, BundleManifest, Readings
 from agent.policy import Policy, PolicyConfig
 from agent.runtime import ModelServer, make_backend
 from agent.signing import KeyPair, load_public_key
-from compiler.gating.deploy import GatedDeploy, sink_initializers
+from bench._gated_if import export_gated_if, load_gated_if, sink_initializers
+from compiler.gating.deploy import GatedDeploy
 from compiler.gating.slim import GatingError, SlimNet, gating_parts, order_channels, width_choices
 from compiler.gating.train import GateTrainConfig
 from compiler.pipeline import CompileResult
@@ -137,6 +138,28 @@ def test_sinking_moves_branch_weights_into_their_branch() -> None:
     assert [i.name for i in branches["then_branch"].initializer] == ["w"]
     assert not branches["else_branch"].initializer
     onnx.checker.check_model(model)
+
+
+@pytest.mark.export
+def test_single_graph_if_form_matches_the_eager_form(tmp_path: Path) -> None:
+    # the benchmark's comparison form (bench/_gated_if.py): one graph, each block a tree of If nodes
+    slim = SlimNet(_net(), torch.zeros(1, 1, 28, 28)).eval()
+    torch.manual_seed(3)
+    for gate in slim.gates:
+        nn.init.normal_(gate.weight, std=1.0)
+    deploy = GatedDeploy(slim).eval()
+    budget = BudgetInput(minimum=0.0, maximum=1.0, default=0.5)
+    path = tmp_path / "gated-if.onnx"
+    assert export_gated_if(slim, torch.zeros(1, 1, 28, 28), path, budget=budget, widths_output="widths") > 0
+    run = load_gated_if(path, budget=budget)
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        for b in (0.0, 0.5, 1.0):
+            for i in range(4):
+                expected, picks = deploy(x[i : i + 1], torch.tensor(b))
+                got, got_picks = run(x[i : i + 1].numpy(), b)
+                assert got_picks == tuple(picks.tolist())
+                assert np.abs(got - expected.numpy()).max() < 1e-4
 
 
 # ------------------------------------------------------------------ the whole compile with --gated

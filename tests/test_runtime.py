@@ -24,6 +24,7 @@ from agent.runtime import (
     make_backend,
     preprocess,
 )
+from tests.samples import sample_manifest
 
 if TYPE_CHECKING:
     from compiler.pipeline import CompileResult
@@ -117,6 +118,15 @@ def test_onnx_corrupt_file_is_a_backend_error_naming_it(tmp_path: Path) -> None:
     bad.write_bytes(b"not a protobuf at all")
     with pytest.raises(BackendError, match=r"broken\.onnx"):
         OnnxBackend().load(bad)
+
+
+def test_gated_onnx_loads_from_every_segment_only() -> None:
+    gated = sample_manifest().variant("gated")
+    assert gated.gating is not None and gated.budget is not None
+    with pytest.raises(BackendError, match=r"segments \['stem', 'block0_w0'.* missing from the gated ONNX"):
+        OnnxBackend().load_gated({}, gating=gated.gating, budget=gated.budget)
+    with pytest.raises(BackendError, match="one graph per segment"):
+        OnnxBackend().load_gated(Path("gated.onnx"), gating=gated.gating, budget=gated.budget)
 
 
 def test_make_backend_unknown_name_lists_the_valid_ones() -> None:

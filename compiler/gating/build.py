@@ -8,9 +8,10 @@ budget and runtime over real test images (the width, so the time, depends on the
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from compiler.gating.deploy import (
 )
 from compiler.gating.slim import DEFAULT_FRACTIONS, SlimNet
 from compiler.gating.train import BudgetResult, GateTrainConfig, evaluate_gated, train_gates, train_slim
+from compiler.measure import time_interleaved
 
 __all__ = ["BUDGETS", "GatedBuild", "build_gated", "export_and_verify", "gated_latency"]
 
@@ -129,35 +131,22 @@ def gated_latency(
     rounds: int = 5,
 ) -> dict[float, dict[Runtime, Latency]]:
     """Batch-1 latency per budget and runtime, cycling through ``images`` (the widths depend on them),
-    interleaved over ``rounds`` so drift hits every budget alike."""
+    interleaved over ``rounds`` so drift hits every budget alike (:func:`time_interleaved`)."""
     runners = {
         rt: gated_runner(p, rt, gating=build.gating, budget=build.budget, threads=threads)
         for rt, p in files.items()
     }
-    budgets = [r.budget for r in build.curve]
-    samples: dict[tuple[float, Runtime], list[float]] = {(b, rt): [] for b in budgets for rt in runners}
-    per_round = max(1, runs // rounds)
     inputs = [np.ascontiguousarray(images[i : i + 1]) for i in range(len(images))]
-    for run in runners.values():
-        for i in range(20):
-            run(inputs[i % len(inputs)], build.budget.default)
-    for _ in range(rounds):
-        for (b, rt), values in samples.items():
-            run = runners[rt]
-            for i in range(per_round):
-                x = inputs[i % len(inputs)]
-                start = time.perf_counter()
-                run(x, b)
-                values.append(time.perf_counter() - start)
+
+    def cycling(run: Callable[[np.ndarray, float], object], b: float) -> Callable[[], object]:
+        next_input = itertools.cycle(inputs).__next__
+        return lambda: run(next_input(), b)
+
+    calls = {(r.budget, rt): cycling(run, r.budget) for r in build.curve for rt, run in runners.items()}
+    timed = time_interleaved(calls, runs=runs, rounds=rounds, warmup=20, threads=threads)
     out: dict[float, dict[Runtime, Latency]] = {}
-    for (b, rt), values in samples.items():
-        arr = np.array(values) * 1e3
-        out.setdefault(b, {})[rt] = Latency(
-            median_ms=float(np.median(arr)),
-            p90_ms=float(np.percentile(arr, 90)),
-            threads=threads,
-            runs=len(values),
-        )
+    for (b, rt), latency in timed.items():
+        out.setdefault(b, {})[rt] = latency
     return out
 
 

@@ -4,12 +4,10 @@ Masking channels saves nothing on a CPU, so every width of every block becomes i
 BN-folded pair of convolutions, and the gate's choice selects which pair runs (docs/compiler.md has the
 measurements behind these choices):
 
-- **ONNX** (what bundles ship): one small graph per segment, ``stem`` and ``block{i}_w{j}``, each
-  ending with the next block's gate decision; the device dispatches (:class:`agent.runtime.OnnxBackend`).
-  The alternative, one graph where each block is a tree of ``torch.cond`` exported as ONNX ``If``
-  (:func:`export_gated_onnx`, kept for comparison in ``bench/gated_speed.py``), is correct once
-  :func:`sink_initializers` moved every branch's weights into its branch (else onnxruntime cannot
-  pre-pack them); on the reference model both ran within noise of each other
+- **ONNX**: one small graph per segment, ``stem`` and ``block{i}_w{j}``, each ending with the next
+  block's gate decision; the device dispatches (:class:`agent.runtime.OnnxBackend`). The alternative,
+  one graph where each block is a tree of ``torch.cond`` exported as ONNX ``If`` (built only by
+  ``bench/_gated_if.py`` for comparison), ran within noise of the segments on the reference model
   (``bench/gated_speed.py``), and the segments keep one design for both runtimes.
 - **ExecuTorch**: XNNPACK does not delegate convolutions inside ``torch.cond`` branches (they run ~50x
   slower on portable kernels), so the ``.pte`` holds one method per segment, lowered together:
@@ -22,7 +20,6 @@ every exported file against eager at several budgets before it enters a bundle.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import cast
@@ -41,15 +38,11 @@ from compiler.gating.slim import BUDGET_SCALE, SlimBlock, SlimNet
 __all__ = [
     "GatedDeploy",
     "export_gated",
-    "export_gated_onnx",
     "export_gated_onnx_segments",
     "export_gated_pte",
     "gating_spec",
-    "sink_initializers",
     "verify_gated",
 ]
-
-log = logging.getLogger(__name__)
 
 
 def _fold(weight: torch.Tensor, bn: nn.BatchNorm2d, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,7 +65,8 @@ class _Branch(nn.Module):
         self.conv1 = nn.Conv2d(c1.in_channels, k, c1.kernel_size, c1.stride, c1.padding)
         self.conv2 = nn.Conv2d(k, c2.out_channels, c2.kernel_size, c2.stride, c2.padding)
         with torch.no_grad():
-            # Clones: views of one tensor make torch.cond's export fail with an aliasing error.
+            # Clones: views of one tensor make torch.cond's export (bench/_gated_if.py) fail with an
+            # aliasing error.
             for conv, w, b in ((self.conv1, w1, b1), (self.conv2, w2, b2)):
                 conv.weight.copy_(w.detach().clone())
                 cast(torch.Tensor, conv.bias).copy_(b.detach().clone())
@@ -94,29 +88,9 @@ class _Gate(nn.Module):
         return (self.linear(h.mean(dim=(2, 3))) + budget * cost).argmax(dim=1)
 
 
-def _select(
-    branches: nn.ModuleList, idx: torch.Tensor, x: torch.Tensor, sc: torch.Tensor, *, lo: int, hi: int
-) -> torch.Tensor:
-    """Run ``branches[idx]`` through a balanced tree of ``torch.cond`` over ``[lo, hi)``.
-
-    In eager mode (verification) it indexes directly: an eager ``torch.cond`` compiles on every call."""
-    if not torch.compiler.is_compiling():
-        return cast(torch.Tensor, branches[int(idx)](x, sc))
-    if hi - lo == 1:
-        return cast(torch.Tensor, branches[lo](x, sc))
-    mid = (lo + hi) // 2
-
-    def low(x: torch.Tensor, sc: torch.Tensor) -> torch.Tensor:
-        return _select(branches, idx, x, sc, lo=lo, hi=mid)
-
-    def high(x: torch.Tensor, sc: torch.Tensor) -> torch.Tensor:
-        return _select(branches, idx, x, sc, lo=mid, hi=hi)
-
-    return cast(torch.Tensor, torch.cond(idx < mid, low, high, (x, sc)))
-
-
 class GatedDeploy(nn.Module):
-    """The ONNX form: ``(input, budget) -> (logits, width index per block)`` at batch 1."""
+    """Every segment in one eager module, ``(input, budget) -> (logits, width index per block)`` at batch 1:
+    what the exported segments are verified against."""
 
     def __init__(self, net: SlimNet) -> None:
         super().__init__()
@@ -137,8 +111,14 @@ class GatedDeploy(nn.Module):
         for gate, shortcut, branches in zip(self.gates, self.shortcuts, self.branches, strict=True):
             idx = gate(h, budget)
             picks.append(idx)
-            h = _select(cast(nn.ModuleList, branches), idx[0], h, shortcut(h), lo=0, hi=len(branches))
+            h = self.run_block(cast(nn.ModuleList, branches), idx[0], h, shortcut(h))
         return self.head(h), torch.cat(picks)
+
+    def run_block(
+        self, branches: nn.ModuleList, idx: torch.Tensor, h: torch.Tensor, shortcut: torch.Tensor
+    ) -> torch.Tensor:
+        """The block whose width choices are ``branches``, at width index ``idx`` (a 0-d tensor)."""
+        return cast(torch.Tensor, branches[int(idx)](h, shortcut))
 
 
 class _StemSegment(nn.Module):
@@ -175,82 +155,6 @@ def gating_spec(net: SlimNet) -> Gating:
         ),
         fixed_macs=net.fixed_macs,
     )
-
-
-def sink_initializers(model: object) -> int:
-    """Move every initializer used only inside one ``If`` branch into that branch, recursively.
-
-    Returns how many moved. Works on an ``onnx.ModelProto`` in place.
-    """
-    import onnx
-
-    def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
-        out = []
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                out.append(a.g)
-            out.extend(a.graphs)
-        return out
-
-    def used(graph: onnx.GraphProto) -> set[str]:
-        names: set[str] = set()
-        for node in graph.node:
-            names.update(node.input)
-            for g in subgraphs(node):
-                names |= used(g)
-        return names
-
-    def sink(graph: onnx.GraphProto) -> int:
-        here: set[str] = set()
-        users: dict[str, list[onnx.GraphProto]] = {}
-        for node in graph.node:
-            here.update(node.input)
-            for g in subgraphs(node):
-                for name in used(g):
-                    users.setdefault(name, []).append(g)
-        keep, moved = [], 0
-        for init in graph.initializer:
-            owners = {id(g): g for g in users.get(init.name, [])}
-            if init.name not in here and len(owners) == 1:
-                next(iter(owners.values())).initializer.append(init)
-                moved += 1
-            else:
-                keep.append(init)
-        del graph.initializer[:]
-        graph.initializer.extend(keep)
-        for node in graph.node:
-            for g in subgraphs(node):
-                moved += sink(g)
-        return moved
-
-    return sink(cast(onnx.ModelProto, model).graph)
-
-
-def export_gated_onnx(
-    deploy: GatedDeploy, example: torch.Tensor, path: Path, *, budget: BudgetInput, widths_output: str
-) -> None:
-    """``deploy`` -> ONNX with ``If`` nodes, branch weights sunk into their branches -> ``path``."""
-    import onnx
-
-    b = torch.tensor(budget.default, dtype=torch.float32)
-    try:
-        program = torch.export.export(deploy.eval(), (example[:1], b), strict=True)
-        with _quiet():
-            onnx_program = torch.onnx.export(
-                program,
-                dynamo=True,
-                input_names=["input", budget.name],
-                output_names=["logits", widths_output],
-                optimize=True,
-                verbose=False,
-            )
-        model = onnx_program.model_proto
-        moved = sink_initializers(model)
-        onnx.checker.check_model(model)
-        onnx.save(model, str(path))
-    except Exception as exc:
-        raise ExportError(f"gated ONNX export failed: {type(exc).__name__}: {str(exc)[:500]}") from exc
-    log.info("gated onnx: moved %d branch weights into their branches", moved)
 
 
 def export_gated_pte(deploy: GatedDeploy, example: torch.Tensor, path: Path) -> None:
