@@ -67,6 +67,13 @@ def add_agent_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
     run.add_argument("--profile", default="host", help="device profile name reported in the birth message")
     run.add_argument("--threads", type=int, default=1, help="runtime threads (default 1)")
     run.add_argument(
+        "--memory-cap-mb",
+        type=float,
+        default=None,
+        help="load variants lazily, keeping at most this many MB of model files loaded (default: "
+        "preload every variant, so a switch costs microseconds)",
+    )
+    run.add_argument(
         "--input",
         default=None,
         help="inputs to serve: a directory of images/.npy, an .npz, or '-' for raw frames on stdin",
@@ -110,6 +117,7 @@ def _run(args: argparse.Namespace) -> int:
         backend=args.backend,
         profile=args.profile,
         threads=args.threads,
+        memory_cap_mb=args.memory_cap_mb,
         metrics_period_s=args.metrics_period,
         heartbeat_period_s=args.heartbeat_period,
         shadow_rate=args.shadow_rate,

@@ -59,6 +59,7 @@ def measure(
             time.sleep(idle_s)
             cpu1, t1 = p.cpu_times(), time.monotonic()
             rss = p.memory_info().rss
+            uss = p.memory_full_info().uss  # pages only this process holds (no shared library code)
             maps = Path(f"/proc/{proc.pid}/maps").read_text()
             proc.terminate()
             proc.wait(timeout=30)
@@ -66,6 +67,7 @@ def measure(
     return {
         "backend": backend,
         "rss_mb": rss / 2**20,
+        "uss_mb": uss / 2**20,
         "idle_cpu_pct": 100 * used / (t1 - t0),
         "torch_loaded": "libtorch" in maps,
         "idle_s": idle_s,
@@ -97,9 +99,12 @@ def main(argv: list[str] | None = None) -> int:
                     idle_s=args.idle,
                 )
             )
-    print(f"{'backend':<12}{'RSS MB':>9}{'idle CPU %':>12}{'torch mapped':>14}")
+    print(f"{'backend':<12}{'RSS MB':>9}{'USS MB':>9}{'idle CPU %':>12}{'torch mapped':>14}")
     for r in rows:
-        print(f"{r['backend']:<12}{r['rss_mb']:>9.1f}{r['idle_cpu_pct']:>12.2f}{r['torch_loaded']!s:>14}")
+        print(
+            f"{r['backend']:<12}{r['rss_mb']:>9.1f}{r['uss_mb']:>9.1f}{r['idle_cpu_pct']:>12.2f}"
+            f"{r['torch_loaded']!s:>14}"
+        )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"bundle": str(args.bundle), "rows": rows}, indent=1))
     print(f"wrote {args.json}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +25,19 @@ from compiler.errors import ExportError, VerificationError
 __all__ = ["EXPORTERS", "export_onnx", "export_pte", "load_runner", "verify"]
 
 log = logging.getLogger(__name__)
+
+# Noise on every compile that says nothing about the user's model: torch.onnx lists each torchvision
+# operator it cannot register (no model here uses one), torchao (pulled in by ExecuTorch) reports CUDA
+# kernels and Triton missing on a CPU host, torch's pytree and torch.export's own deserialisation trip
+# deprecation checks, and ExecuTorch's pybindings announce that they are experimental.
+for _name in ("torch.onnx._internal.exporter._registration", "torchao", "torch.utils._pytree"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
+warnings.filterwarnings(
+    "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
+)
+warnings.filterwarnings(
+    "ignore", message="This API is experimental and subject to change", module="executorch"
+)
 
 Runner = Callable[[np.ndarray], np.ndarray]
 
