@@ -199,19 +199,20 @@ class GatedBlock(ContractModel):
 class Gating(ContractModel):
     """How a gated variant computes: the gated blocks, so a device can dispatch and count realised MACs.
 
-    The ONNX file takes the input and the budget and returns the logits and, in the output named
-    ``widths_output``, the chosen width index of every block (int64, one per block). The ExecuTorch
-    file holds one method per segment: ``stem`` (input, budget) -> (features, index for block 0), then
-    ``block{i}_w{j}`` (features, budget) -> (features, index for block i+1), the last block's methods
-    returning (logits,); a dispatcher runs ``stem`` and then, per block, the method the index names.
-    ONNX may ship the same segments as one graph each (files with ``segment`` set), which onnxruntime
-    runs faster than one graph with ``If`` nodes; then ``widths_output`` does not apply.
+    A gated variant ships segments: ``stem`` (input, budget) -> (features, index for block 0), then
+    ``block{i}_w{j}`` (features, budget) -> (features, index for block i+1), the last block's segments
+    returning (logits,); a dispatcher runs ``stem`` and then, per block, the segment the index names.
+    ExecuTorch holds them as the methods of one ``.pte``; ONNX as one graph each (files with ``segment``
+    set), which onnxruntime runs as fast as one graph with ``If`` nodes. ``widths_output`` names the
+    width-index output of that single-graph form, which only ``bench/gated_speed.py`` builds; the agent
+    does not load it.
     """
 
     blocks: tuple[GatedBlock, ...] = described("The gated blocks, in execution order.", min_length=1)
     fixed_macs: int = described("Multiply-accumulates outside the gated blocks (stem, gates, head).", ge=0)
     widths_output: Identifier = described(
-        "Name of the ONNX output with the chosen width index per block.", default="widths"
+        "Single-graph ONNX form only (not shipped): its output with the width index per block.",
+        default="widths",
     )
 
     def realised(self, indices: Sequence[int]) -> tuple[int, float]:
