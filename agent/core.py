@@ -162,6 +162,8 @@ class Agent:
         self._started_at = time.monotonic()
         self._inbox: queue.Queue[bytes] = queue.Queue()
         self._connected = threading.Event()
+        self._ever_connected = False
+        self._announce = threading.Event()  # reconnected: the retained status may be our last will
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._random = random.Random(config.seed)
@@ -461,7 +463,10 @@ class Agent:
                 if now >= next_metrics:
                     self._flush_metrics(now)
                     next_metrics = now + self._metrics_period
-                if now >= next_heartbeat:
+                if now >= next_heartbeat or self._announce.is_set():
+                    # after a reconnect the broker holds our last will ("offline") as the retained status:
+                    # replace it at once instead of at the next heartbeat
+                    self._announce.clear()
                     self._send_status("online")
                     next_heartbeat = now + self._heartbeat_period
                 if self._connected.is_set() and self.outbox.pending():
@@ -600,6 +605,9 @@ class Agent:
             log.warning("broker refused the connection: %s", reason)
             return
         client.subscribe(self._topic("desired"), qos=1)
+        if self._ever_connected:
+            self._announce.set()
+        self._ever_connected = True
         self._connected.set()
         log.info("connected to %s", self.config.broker_url)
 

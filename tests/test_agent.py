@@ -288,6 +288,34 @@ def test_broker_outage_loses_nothing(bundle, signing_keys, tmp_path) -> None:  #
     own.stop()
 
 
+def test_a_reconnected_agent_replaces_its_last_will_at_once(bundle, signing_keys, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The broker publishes the agent's last will ("offline", retained) when the link drops; after the
+    reconnect the agent must say "online" right away, not at its next heartbeat (here 10 minutes)."""
+    port = free_port()
+    own = MosquittoBroker(port=port).start()
+    fleet = "t-rewill"
+    agent = Agent(
+        make_config(
+            bundle, signing_keys, own.url, tmp_path, fleet, heartbeat_period_s=600, reconnect_max_s=1
+        ),
+        sensors=StaticSensors(Readings(battery_pct=80.0)),
+    )
+    agent.start()
+    try:
+        first = Collector(own, fleet, "rewill-1")
+        first.wait(lambda m: isinstance(m, Status) and m.state == "online")
+        own.stop()
+        own = MosquittoBroker(port=port).start()
+        second = Collector(own, fleet, "rewill-2")
+        status = second.wait(lambda m: isinstance(m, Status), timeout=20)
+        assert status.state == "online"
+        first.close()
+        second.close()
+    finally:
+        agent.stop()
+        own.stop()
+
+
 AGENT_SCRIPT = """
 import sys, time
 from pathlib import Path
