@@ -20,9 +20,13 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from pydantic import ValidationError
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as SATimeoutError
 
-from agent.contract import CHANNELS, Message, parse_message, parse_topic, subscription
+from agent.contract import CHANNELS, Channel, Message, parse_message, parse_topic, subscription
 from agent.errors import ContractError, UserError
 from agent.mqtt import BrokerAddress, make_client, parse_broker_url
 from fleet.store import Store
@@ -46,6 +50,37 @@ def shared_filters(*, group: str, fleet: str | None = None) -> list[str]:
     '$share/fm/edgeprune/v1/lab/+/birth'
     """
     return [f"$share/{group}/{subscription(fleet=fleet, channel=ch)}" for ch in DEVICE_CHANNELS]
+
+
+_SHARED_ID, _RESYNC_ID = 1, 2  # MQTT v5 subscription identifiers: which subscription delivered a message
+
+RETAINED_CHANNELS: tuple[Channel, ...] = ("birth", "status")
+"""Channels devices publish retained: the broker holds each device's latest birth and status."""
+
+
+def retained_filters(*, fleet: str | None = None) -> list[str]:
+    """Plain (not shared) filters for the retained channels. MQTT v5 never sends retained messages to a
+    shared subscription, so a manager that starts (or reconnects) after a device's last birth/status would
+    not learn its state until the next heartbeat; subscribing these for a moment fetches them.
+
+    >>> retained_filters(fleet="lab")
+    ['edgeprune/v1/lab/+/birth', 'edgeprune/v1/lab/+/status']
+    """
+    return [subscription(fleet=fleet, channel=ch) for ch in RETAINED_CHANNELS]
+
+
+def _sub_id(value: int) -> Properties:
+    props = Properties(PacketTypes.SUBSCRIBE)  # type: ignore[no-untyped-call]
+    props.SubscriptionIdentifier = value
+    return props
+
+
+def _transient(exc: BaseException) -> bool:
+    """Whether a failed write may succeed when retried: the database was unreachable, restarting, locked
+    or timed out (not: it refused a value)."""
+    return isinstance(exc, OperationalError | InterfaceError | DisconnectionError | SATimeoutError) or bool(
+        getattr(exc, "connection_invalidated", False)
+    )
 
 
 def classify_reject(exc: ContractError) -> str:
@@ -87,6 +122,7 @@ class Ingestor:
         batch_interval_s: float = 0.2,
         queue_max: int = 200_000,
         keepalive_s: int = 15,
+        resync_s: float = 3.0,
     ) -> None:
         self.store = store
         self.address = parse_broker_url(broker_url) if isinstance(broker_url, str) else broker_url
@@ -96,6 +132,9 @@ class Ingestor:
         self.batch_max = batch_max
         self.batch_interval_s = batch_interval_s
         self.keepalive_s = keepalive_s
+        self.resync_s = resync_s
+        self._resync_mid: int | None = None
+        self._resync_timer: threading.Timer | None = None
         self._queue: queue.Queue[tuple[str, bytes, float] | None] = queue.Queue(maxsize=queue_max)
         self._stop = threading.Event()
         self._subscribed = threading.Event()
@@ -105,6 +144,7 @@ class Ingestor:
         self.duplicates = 0
         self.rejects: Counter[str] = Counter()
         self.write_failures = 0
+        self.resynced = 0
         self._thread: threading.Thread | None = None
         self.client = make_client(self.client_id, self.address)
         self.client.on_connect = self._on_connect
@@ -134,6 +174,8 @@ class Ingestor:
 
     def stop(self, *, drain_timeout_s: float = 10.0) -> None:
         """Disconnect, write what is queued, stop the writer. Safe to call twice."""
+        if self._resync_timer is not None:
+            self._resync_timer.cancel()
         self.client.disconnect()
         self.client.loop_stop()
         if self._thread is not None and self._thread.is_alive():
@@ -156,6 +198,7 @@ class Ingestor:
                 "duplicates": self.duplicates,
                 "rejects": dict(self.rejects),
                 "write_failures": self.write_failures,
+                "resynced": self.resynced,
                 "queued": self._queue.qsize(),
             }
 
@@ -174,18 +217,44 @@ class Ingestor:
         if reason.is_failure:
             log.warning("broker refused the connection: %s", reason)
             return
-        result, _ = client.subscribe([(f, 1) for f in shared_filters(group=self.group, fleet=self.fleet)])
+        shared = shared_filters(group=self.group, fleet=self.fleet)
+        result, _ = client.subscribe([(f, 1) for f in shared], properties=_sub_id(_SHARED_ID))
         if result != MQTTErrorCode.MQTT_ERR_SUCCESS:
             log.warning("subscribe failed: %s", result)
+        if self.resync_s > 0:  # the retained births and statuses, for resync_s seconds (see retained_filters)
+            result, self._resync_mid = client.subscribe(
+                [(f, 1) for f in retained_filters(fleet=self.fleet)], properties=_sub_id(_RESYNC_ID)
+            )
+            if result != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                log.warning("subscribing to the retained device states failed: %s", result)
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
         bad = [r for r in reasons if r.is_failure]
+        if mid == self._resync_mid:
+            if bad:
+                log.warning("broker refused the retained-state subscription: %s", bad)
+            # the broker sends the retained messages right after this SUBACK; afterwards the plain
+            # subscription would only double the shared one's live traffic (duplicates are dropped by id)
+            timer = threading.Timer(self.resync_s, self._end_resync, args=(client,))
+            timer.daemon = True
+            self._resync_timer = timer
+            timer.start()
+            return
         if bad:
             log.error("broker refused the subscription: %s", bad)
             return
         self._subscribed.set()
 
+    def _end_resync(self, client: mqtt.Client) -> None:
+        client.unsubscribe(retained_filters(fleet=self.fleet))
+
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        ids = getattr(msg.properties, "SubscriptionIdentifier", None) or ()
+        if _RESYNC_ID in ids and _SHARED_ID not in ids:
+            if not msg.retain:
+                return  # a live message through the resync subscription: the shared one delivers it (once)
+            with self._lock:
+                self.resynced += 1
         try:
             self._queue.put((msg.topic, bytes(msg.payload), time.time()), timeout=5)
         except queue.Full:
@@ -227,12 +296,21 @@ class Ingestor:
 
     def _write_with_retries(self, batch: list[tuple[str, bytes, float]], *, attempts: int = 4) -> None:
         """A database hiccup (restart, lock timeout) must not lose a batch: retry with backoff; a retried
-        batch is harmless because message ids already stored count as duplicates."""
+        batch is harmless because message ids already stored count as duplicates.
+
+        Any other failure comes from what the batch holds: a contract-valid value the database cannot
+        take (an integer beyond 64 bits on SQLite, beyond the column on PostgreSQL, a NUL character
+        PostgreSQL refuses). Retrying cannot help and dropping the batch would lose every other message in
+        it, so the batch is split in halves until the messages that cannot be stored are alone; each is
+        logged and counted as an ``unstorable`` reject."""
         for attempt in range(attempts):
             try:
                 self._write(batch)
                 return
-            except Exception:  # the daemon's top loop: log, count, keep ingesting
+            except Exception as exc:  # the daemon's top loop: log, count, keep ingesting
+                if not _transient(exc):
+                    self._isolate(batch, exc, attempts=attempts)
+                    return
                 log.exception("writing a batch of %d messages failed (attempt %d)", len(batch), attempt + 1)
                 with self._lock:
                     self.write_failures += 1
@@ -240,6 +318,22 @@ class Ingestor:
                     continue
                 log.error("dropped a batch of %d messages after %d attempts", len(batch), attempt + 1)
                 return
+
+    def _isolate(self, batch: list[tuple[str, bytes, float]], exc: Exception, *, attempts: int) -> None:
+        if len(batch) > 1:
+            half = len(batch) // 2
+            self._write_with_retries(batch[:half], attempts=attempts)
+            self._write_with_retries(batch[half:], attempts=attempts)
+            return
+        topic = batch[0][0]
+        log.warning("cannot store a valid message on %s: %s: %s", topic, type(exc).__name__, exc)
+        try:
+            self.store.count_rejects({"unstorable": 1})
+        except Exception:  # counted in this process's stats all the same
+            log.exception("counting an unstorable message failed")
+        with self._lock:
+            self.received += 1
+            self.rejects["unstorable"] += 1
 
     def _write(self, batch: list[tuple[str, bytes, float]]) -> None:
         good: list[tuple[str, Message]] = []

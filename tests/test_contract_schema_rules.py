@@ -41,6 +41,8 @@ def test_public_api_is_pinned() -> None:
     assert sorted(contract.__all__) == sorted(
         [
             "CHANNELS",
+            "INT32_MAX",
+            "INT64_MAX",
             "MANIFEST_FILENAME",
             "SCHEMA_VERSION",
             "TOPIC_PREFIX",

@@ -232,3 +232,49 @@ def test_a_device_that_dies_goes_offline_by_its_last_will(tmp_path: Path, broker
             assert proc.stdout is not None
             proc.stdout.close()
         wait_for(lambda: (store.device("crash-01") or {}).get("online") is False, timeout=30)
+
+
+def test_a_manager_that_starts_late_learns_each_device_state_from_the_retained_messages(
+    broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    """MQTT v5 never sends retained messages to a shared subscription (EMQX follows that; Mosquitto sends
+    them anyway): without the resync, a manager (re)started after a device's birth and heartbeat showed
+    the device unknown, or offline, until its next heartbeat. ``resynced`` counts what came through the
+    resync subscription, so this fails without it even on Mosquitto."""
+    fleet = "late"
+    birth, status = sample_messages("late-01")[:2]
+    gone = Status(**envelope(device_id="late-02", seq=5), state="offline", uptime_s=1.0)
+    client = connected_client(broker, "pub-late")
+    for device, msg in (("late-01", birth), ("late-01", status), ("late-02", gone)):
+        channel = "birth" if msg is birth else "status"
+        client.publish(
+            device_topic(fleet, device, channel), msg.to_json(), qos=1, retain=True
+        ).wait_for_publish(10)
+    with (
+        Store(tmp_path / "fleet.db") as store,
+        Ingestor(store, broker_url=broker.url, fleet=fleet, resync_s=1.0) as ing,
+    ):
+        wait_for(
+            lambda: (
+                store.device("late-01", fleet=fleet) is not None
+                and store.device("late-02", fleet=fleet) is not None
+            )
+        )
+        wait_for(lambda: (store.device("late-01", fleet=fleet) or {}).get("profile") == "rpi4")
+        assert store.device("late-01", fleet=fleet)["online"] is True  # type: ignore[index]
+        assert store.device("late-02", fleet=fleet)["online"] is False  # type: ignore[index]
+        assert ing.stats()["resynced"] == 3
+        # after the resync window the plain subscription is gone: a live status is received once
+        time.sleep(1.5)
+        before, dups = ing.stats()["received"], ing.stats()["duplicates"]
+        live = Status(**envelope(device_id="late-01", seq=9), state="online", uptime_s=99.0)
+        client.publish(
+            device_topic(fleet, "late-01", "status"), live.to_json(), qos=1, retain=True
+        ).wait_for_publish(10)
+        wait_for(lambda: ing.stats()["received"] == before + 1)
+        time.sleep(0.5)
+        assert ing.stats()["received"] == before + 1 and ing.stats()["duplicates"] == dups
+    for device, channel in (("late-01", "birth"), ("late-01", "status"), ("late-02", "status")):
+        client.publish(device_topic(fleet, device, channel), b"", qos=1, retain=True).wait_for_publish(10)
+    client.disconnect()
+    client.loop_stop()

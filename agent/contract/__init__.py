@@ -4,7 +4,7 @@ Pure pydantic v2; imports nothing else of the repository and never torch. Malfor
 :class:`agent.errors.ContractError` from every ``parse_*`` and ``from_json`` entry point.
 """
 
-from agent.contract._base import SCHEMA_VERSION, ContractModel, canonical_json
+from agent.contract._base import INT32_MAX, INT64_MAX, SCHEMA_VERSION, ContractModel, canonical_json
 from agent.contract.manifest import (
     MANIFEST_FILENAME,
     ArtifactFile,
@@ -56,6 +56,8 @@ from agent.errors import ContractError
 
 __all__ = [
     "CHANNELS",
+    "INT32_MAX",
+    "INT64_MAX",
     "MANIFEST_FILENAME",
     "SCHEMA_VERSION",
     "TOPIC_PREFIX",

@@ -12,6 +12,11 @@ from agent.errors import ContractError
 SCHEMA_VERSION = 1
 """Version of the manifest schema and of the wire protocol. Bumped on any incompatible change."""
 
+INT32_MAX = 2**31 - 1
+"""Upper bound of per-window counters: what a 32-bit SQL INTEGER column holds (PostgreSQL's ``integer``)."""
+INT64_MAX = 2**63 - 1
+"""Upper bound of every other integer on the wire: what a 64-bit SQL column holds (``bigint``)."""
+
 # Identifiers appear in MQTT topics and file names, so they exclude '/', '+', '#' and spaces.
 Identifier = Annotated[
     str,

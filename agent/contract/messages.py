@@ -16,6 +16,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, TypeAdapter, ValidationError, field_validator
 
 from agent.contract._base import (
+    INT32_MAX,
+    INT64_MAX,
     SCHEMA_VERSION,
     ContractModel,
     Identifier,
@@ -67,7 +69,7 @@ def envelope(*, device_id: str, seq: int) -> dict[str, Any]:
 class _Envelope(ContractModel):
     schema_version: Literal[1] = described("Version of the wire protocol.", default=SCHEMA_VERSION)
     device_id: Identifier = described("The device the message is from (or, for `desired`, for).")
-    seq: int = described("Sequence number, +1 per message from the same sender.", ge=0)
+    seq: int = described("Sequence number, +1 per message from the same sender.", ge=0, le=INT64_MAX)
     message_id: MessageId = described("Unique id (32 hex digits) used to drop duplicates.")
     sent_at: datetime = described("UTC time the message was created, ISO 8601 with offset.")
 
@@ -91,7 +93,7 @@ class Birth(_Envelope):
 
     kind: Literal["birth"] = described("Message kind.", default="birth")
     profile: Identifier = described("Device profile name, e.g. `rpi4`, `pixel`.")
-    agent_version: str = described("Version of the edgeprune agent.", min_length=1)
+    agent_version: str = described("Version of the edgeprune agent.", min_length=1, max_length=64)
     backend: Runtime = described("Inference runtime the agent uses.")
     bundle: BundleRef | None = described("Bundle being served; null if none is installed yet.", default=None)
     variants: tuple[Identifier, ...] = described("Variants of that bundle this device can serve.", default=())
@@ -105,7 +107,9 @@ class Status(_Envelope):
     uptime_s: Finite = described("Seconds since the agent started.", ge=0)
     active_variant: Identifier | None = described("Variant serving now; null if none.", default=None)
     budget: Finite | None = described("Gating budget in use when the active variant is gated.", default=None)
-    outbox_pending: int = described("Telemetry messages waiting in the on-disk outbox.", default=0, ge=0)
+    outbox_pending: int = described(
+        "Telemetry messages waiting in the on-disk outbox.", default=0, ge=0, le=INT64_MAX
+    )
 
 
 class Percentiles(ContractModel):
@@ -133,8 +137,8 @@ class Metrics(_Envelope):
 
     kind: Literal["metrics"] = described("Message kind.", default="metrics")
     window_s: Finite = described("Length of the window the numbers cover, seconds.", gt=0)
-    inferences: int = described("Inferences completed in the window.", ge=0)
-    errors: int = described("Inferences that failed in the window.", default=0, ge=0)
+    inferences: int = described("Inferences completed in the window.", ge=0, le=INT32_MAX)
+    errors: int = described("Inferences that failed in the window.", default=0, ge=0, le=INT32_MAX)
     latency: Percentiles | None = described(
         "Latency percentiles; null when there was no inference.", default=None
     )
@@ -153,11 +157,14 @@ class Metrics(_Envelope):
         ge=0,
         le=1,
     )
-    shadow_runs: int = described("Shadow runs of the dense variant in the window.", default=0, ge=0)
+    shadow_runs: int = described(
+        "Shadow runs of the dense variant in the window.", default=0, ge=0, le=INT32_MAX
+    )
     outbox_dropped: int = described(
         "Telemetry messages dropped because the outbox was full, since the outbox was created.",
         default=0,
         ge=0,
+        le=INT64_MAX,
     )
 
 
@@ -241,9 +248,9 @@ class UpdateStatus(_Envelope):
     update_id: Identifier = described("The update this is about.")
     target: BundleRef = described("The bundle being installed.")
     state: UpdateState = described("State the updater just entered.")
-    bytes_done: int = described("Bytes downloaded so far.", default=0, ge=0)
+    bytes_done: int = described("Bytes downloaded so far.", default=0, ge=0, le=INT64_MAX)
     bytes_total: int | None = described(
-        "Bytes to download in all; null if not known yet.", default=None, ge=0
+        "Bytes to download in all; null if not known yet.", default=None, ge=0, le=INT64_MAX
     )
     error: str | None = described("Why the update failed or rolled back; null otherwise.", default=None)
 
