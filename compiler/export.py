@@ -10,9 +10,11 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import operator
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -57,13 +59,35 @@ def export_pte(model: nn.Module, example: torch.Tensor, path: Path) -> None:
     model = model.to(memory_format=torch.contiguous_format).eval()  # XNNPACK's layout pass needs NCHW weights
     try:
         program = torch.export.export(model, (example,), strict=False)
-        lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch()
+        edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+        outside = outside_delegate(edge.exported_program())
+        lowered = edge.to_executorch()
     except Exception as exc:
         raise ExportError(
             f"ExecuTorch export failed: {type(exc).__name__}: {str(exc)[:500]}",
             hint="the model must be exportable with torch.export (no data-dependent Python control flow)",
         ) from exc
+    if outside:
+        log.warning(
+            "%s: %d op(s) run outside XNNPACK, in ExecuTorch's portable kernels (slow, and each splits the "
+            "delegated graph): %s; e.g. a global mean needs keepdim=True (then flatten) to be delegated",
+            path.name,
+            len(outside),
+            ", ".join(outside),
+        )
     path.write_bytes(lowered.buffer)
+
+
+def outside_delegate(program: Any) -> list[str]:
+    """Names of the operators of a lowered ExecuTorch program that no delegate took."""
+    names = []
+    for node in program.graph.nodes:
+        if node.op != "call_function" or node.target is operator.getitem:
+            continue
+        name = getattr(node.target, "__name__", str(node.target))
+        if name != "executorch_call_delegate":
+            names.append(name)
+    return names
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, *, input_name: str = "input") -> None:

@@ -56,7 +56,9 @@ class ReferenceNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.stem_bn(self.stem(x)))
         x = self.blocks(x)
-        return self.head(self.dropout(x.mean(dim=(2, 3))))
+        # keepdim=True: XNNPACK takes it as global average pooling; without it the mean falls back to
+        # ExecuTorch's slow portable kernel between two delegate calls
+        return self.head(self.dropout(x.mean(dim=(2, 3), keepdim=True).flatten(1)))
 
 
 def reference(*, classes: int = 10, in_channels: int = 1) -> ReferenceNet:

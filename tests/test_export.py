@@ -63,3 +63,32 @@ def test_unexportable_model_is_a_clear_error(tmp_path: Path, runtime: str) -> No
     with pytest.raises(ExportError, match="export failed"):
         exporter(DataDependent().eval(), X, tmp_path / f"m{suffix}")
     assert not (tmp_path / f"m{suffix}").exists()
+
+
+def _lowered_outside(model: torch.nn.Module, example: torch.Tensor) -> list[str]:
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    from compiler.export import outside_delegate
+
+    program = torch.export.export(model.eval(), (example,), strict=False)
+    edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+    return outside_delegate(edge.exported_program())
+
+
+def test_the_reference_model_runs_wholly_inside_xnnpack() -> None:
+    """A plain ``x.mean(dim=(2, 3))`` ran in ExecuTorch's slow portable kernel between two delegate calls
+    (docs/compiler.md has the cost); guard against its return."""
+    from compiler.reference import ReferenceNet
+
+    class PlainMean(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.head = torch.nn.Conv2d(1, 8, 3), torch.nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.conv(x).mean(dim=(2, 3)))
+
+    example = torch.randn(1, 1, 28, 28)
+    assert _lowered_outside(PlainMean(), example) == ["aten.mean.dim"]  # the check can see it
+    assert _lowered_outside(ReferenceNet(), example) == []
