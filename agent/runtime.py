@@ -178,7 +178,7 @@ class _GatedSegments:
         with self._lock:
             out = self._stem([h, b])
             for widths in self._blocks:
-                j = int(out[1][0])
+                j = int(out[1].item())  # a 1-element array or tensor; .item() is ~10x cheaper than [0]
                 picks.append(j)
                 out = widths[j]([out[0], b])
             logits = self._logits(out[0])
@@ -298,6 +298,15 @@ class ExecutorchBackend:
         if isinstance(path, Mapping):
             raise BackendError("a gated .pte holds every segment as a method of one file, not one file each")
         torch_mod, from_numpy = self._torch, self._from_numpy
+        last: list[tuple[float, Any]] = []  # the budget rarely changes: reuse its tensor (a few us a call)
+
+        def inputs(x: np.ndarray, b: float) -> tuple[Any, Any]:
+            cached = last[-1] if last else None  # one tuple, replaced whole: safe across threads
+            if cached is None or cached[0] != b:
+                cached = (b, torch_mod.tensor(b, dtype=torch_mod.float32))
+                last[:] = [cached]
+            return from_numpy(x), cached[1]
+
         try:
             program = self._runtime.load_program(path)
             # every method of a gated .pte is a segment: ``stem`` and ``block{i}_w{j}``
@@ -306,7 +315,7 @@ class ExecutorchBackend:
                 segments,
                 gating,
                 where=str(path),
-                inputs=lambda x, b: (from_numpy(x), torch_mod.tensor(b, dtype=torch_mod.float32)),
+                inputs=inputs,
                 logits=lambda t: t.numpy(),
                 lock=threading.Lock(),  # an ExecuTorch Method owns its planned memory: runs must not overlap
             )
