@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -276,3 +277,28 @@ def test_gate_decisions_depend_on_the_input(gated_bundle: CompileResult, signing
             differing.append(float(budget))
     # at some budgets, different inputs get different widths: the gates read the input, not only the budget
     assert differing, "every input got the same widths at every budget"
+
+
+@pytest.mark.export
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_gated_bundle_bench_times_every_budget_through_the_agent(
+    gated_bundle: CompileResult, tmp_path: Path
+) -> None:
+    import json
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import gated_bundle as bench  # bench/ is not a package
+
+    out = tmp_path / "bench.json"
+    assert (
+        bench.main(["--bundle", str(gated_bundle.out), "--runs", "20", "--images", "4", "--json", str(out)])
+        == 0
+    )
+    rows = json.loads(out.read_text())["rows"]
+    manifest = gated_bundle.manifest
+    gated = next(v for v in manifest.variants if v.kind == "gated")
+    assert [r["budget"] for r in rows if r["variant"] == "gated"] == [p.budget for p in gated.budget_curve]
+    dense = next(r for r in rows if r["variant"] == "dense")
+    assert dense["onnx_speedup"] == dense["executorch_speedup"] == 1.0
+    assert all(r["onnx_ms"] > 0 and r["executorch_ms"] > 0 for r in rows)
