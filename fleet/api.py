@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict
 from agent.errors import EdgepruneError, UserError
 from agent.signing import PublicKey
 from fleet.registry import upload_bundle
-from fleet.rollouts import RolloutManager, RolloutSpec
+from fleet.rollouts import DeviceConfig, RolloutManager, RolloutSpec
 from fleet.store import Store
 
 __all__ = ["DASHBOARD_DIR", "create_app", "prometheus_text"]
@@ -160,6 +160,10 @@ def create_app(
         found = store.device(device_id, fleet=fleet)
         assert found is not None
         return found
+
+    @api.put("/devices/{device_id}/config", summary="Set a device's pins, policy overrides and periods")
+    def set_config(device_id: str, body: DeviceConfig, fleet: str = "default") -> dict[str, Any]:
+        return manager.set_config(device_id, body, fleet=fleet)
 
     @api.get("/devices/{device_id}/series", summary="A device's metrics over time, oldest first")
     def series(device_id: str, since: float = 0.0, limit: int = 2000) -> list[dict[str, Any]]:

@@ -13,6 +13,7 @@ import json
 import os
 import tempfile
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,38 @@ def _cmd_devices(args: argparse.Namespace) -> int:
             f"{d['active_variant'] or '-':12} {battery:>7}"
         )
     return 0
+
+
+def _cmd_configure(args: argparse.Namespace) -> int:
+    overrides: dict[str, Any] = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise FleetClientError(f"--set {item!r} is not KEY=VALUE", hint="e.g. --set low_battery_pct=30")
+        overrides[key] = (
+            json.loads(value) if value in ("true", "false", "null") or _is_number(value) else value
+        )
+    body = {
+        "pinned_variant": args.pin,
+        "policy_overrides": overrides,
+        "metrics_period_s": args.metrics_period,
+        "heartbeat_period_s": args.heartbeat_period,
+    }
+    path = f"/api/devices/{urllib.parse.quote(args.device)}/config?fleet={urllib.parse.quote(args.fleet)}"
+    device = _request(args, "PUT", path, body=body)
+    print(
+        f"{args.device}: desired revision {device['desired_revision']}, "
+        f"config {json.dumps(body, sort_keys=True)}"
+    )
+    return 0
+
+
+def _is_number(value: str) -> bool:
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _cmd_bundles(args: argparse.Namespace) -> int:
@@ -290,6 +323,26 @@ def add_fleet_parser(sub: Any) -> None:
     _client_options(devices)
     devices.add_argument("--json", action="store_true")
     devices.set_defaults(func=_cmd_devices)
+
+    configure = fleet_sub.add_parser(
+        "configure",
+        help="set a device's pinned variant, policy overrides and telemetry periods (replaces the last)",
+        description="Replace one device's desired configuration (rollouts keep it); no options clear it.",
+    )
+    _client_options(configure)
+    configure.add_argument("device")
+    configure.add_argument("--fleet", default="default")
+    configure.add_argument("--pin", default=None, metavar="VARIANT", help="serve only this variant")
+    configure.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a policy setting, e.g. low_battery_pct=30",
+    )
+    configure.add_argument("--metrics-period", type=float, default=None, metavar="S")
+    configure.add_argument("--heartbeat-period", type=float, default=None, metavar="S")
+    configure.set_defaults(func=_cmd_configure)
 
     bundles = fleet_sub.add_parser("bundles", help="list or upload bundles")
     _client_options(bundles)

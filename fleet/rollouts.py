@@ -25,9 +25,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import Connection, and_, insert, select, update
+from sqlalchemy import update as sa_update
 
 from agent.contract import BundleRef, DesiredState, UpdateInstruction, device_topic, envelope
-from agent.errors import UserError
+from agent.contract.messages import Scalar
+from agent.errors import ContractError, UserError
 from fleet.gates import FAILED_STATES, Gates, evaluate_gates
 from fleet.registry import bundle_dir, update_dir
 from fleet.store import Store
@@ -262,6 +264,33 @@ class RolloutManager:
 
     # --- read ----------------------------------------------------------------------------------------
 
+    def set_config(self, device_id: str, config: DeviceConfig, *, fleet: str) -> dict[str, Any]:
+        """Replace a device's desired configuration and publish its desired state (kept by every later
+        rollout message; an update instruction in flight is re-sent with it). Returns the device."""
+        with self.store.write() as conn:
+            row = (
+                conn.execute(
+                    select(s.devices).where(s.devices.c.fleet == fleet, s.devices.c.device_id == device_id)
+                )
+                .mappings()
+                .first()
+            )
+            if row is None:
+                raise UserError(
+                    f"no device {device_id!r} in fleet {fleet!r}", hint="see `edgeprune fleet devices`"
+                )
+            variants = row["variants"] or []
+            if config.pinned_variant is not None and variants and config.pinned_variant not in variants:
+                raise UserError(
+                    f"device {device_id} serves {sorted(variants)}, not {config.pinned_variant!r}",
+                    hint="pin one of the variants of the bundle it runs",
+                )
+            topic, payload = desired_message(conn, fleet, device_id, config=config)
+        self.publish(topic, payload)
+        found = self.store.device(device_id, fleet=fleet)
+        assert found is not None
+        return found
+
     def rollouts(self) -> list[dict[str, Any]]:
         with self.store.read() as conn:
             rows = conn.execute(select(s.rollouts).order_by(s.rollouts.c.created_at.desc())).all()
@@ -441,13 +470,6 @@ class RolloutManager:
         health: dict[str, Any],
         now: float,
     ) -> tuple[str, bytes]:
-        d = s.devices.c
-        revision = conn.execute(
-            update(s.devices)
-            .where(and_(d.fleet == m["fleet"], d.device_id == m["device_id"]))
-            .values(desired_revision=d.desired_revision + 1)
-            .returning(d.desired_revision)
-        ).scalar_one()
         instruction = None
         if bundle is not None:
             instruction = UpdateInstruction(
@@ -457,10 +479,7 @@ class RolloutManager:
                 manifest_sha256=bundle["manifest_sha256"],
                 health_window_s=float(health["health_window_s"]),
             )
-        desired = DesiredState(
-            **envelope(device_id=m["device_id"], seq=revision), revision=revision, update=instruction
-        )
-        return device_topic(m["fleet"], m["device_id"], "desired"), desired.to_json().encode()
+        return desired_message(conn, m["fleet"], m["device_id"], update=instruction)
 
     def _roll_back(
         self, conn: Connection, r: dict[str, Any], current: list[dict[str, Any]], now: float
@@ -484,6 +503,70 @@ class RolloutManager:
             outbox.append(self._send(conn, m, previous, update_id=m["update_id"] + "-rb", health=r, now=now))
             self._member(conn, m, state="rollback_sent", now=now)
         return outbox
+
+
+class DeviceConfig(BaseModel):
+    """What the fleet sets on one device besides updates: the fields of :class:`DesiredState` that a
+    person chooses. Sent in the device's retained desired state and kept there by every rollout."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    pinned_variant: str | None = Field(default=None, description="Serve only this variant; null: the policy")
+    policy_overrides: dict[str, Scalar] = Field(default={}, description="Policy settings (agent.policy)")
+    metrics_period_s: float | None = Field(default=None, gt=0, description="Seconds between metrics")
+    heartbeat_period_s: float | None = Field(default=None, gt=0, description="Seconds between heartbeats")
+
+    @field_validator("policy_overrides")
+    @classmethod
+    def _known(cls, overrides: dict[str, Scalar]) -> dict[str, Scalar]:
+        from agent.policy import PolicyConfig
+
+        try:
+            PolicyConfig().with_overrides(overrides)
+        except ContractError as exc:
+            raise ValueError(exc.message) from exc
+        return overrides
+
+
+_KEEP: Any = object()
+
+
+def desired_message(
+    conn: Connection,
+    fleet: str,
+    device_id: str,
+    *,
+    config: DeviceConfig = _KEEP,
+    update: UpdateInstruction | None = _KEEP,
+) -> tuple[str, bytes]:
+    """Bump the device's desired revision, store what changed, and build its desired state from both
+    halves: the configuration a person set and the last update instruction a rollout sent."""
+    d = s.devices.c
+    values: dict[str, Any] = {"desired_revision": d.desired_revision + 1}
+    if config is not _KEEP:
+        values["desired_config"] = config.model_dump(mode="json")
+    if update is not _KEEP:
+        values["desired_update"] = None if update is None else update.model_dump(mode="json")
+    row = (
+        conn.execute(
+            sa_update(s.devices)
+            .where(and_(d.fleet == fleet, d.device_id == device_id))
+            .values(**values)
+            .returning(d.desired_revision, d.desired_config, d.desired_update)
+        )
+        .mappings()
+        .one()
+    )
+    revision = row["desired_revision"]
+    desired = DesiredState(
+        **envelope(device_id=device_id, seq=revision),
+        revision=revision,
+        **DeviceConfig.model_validate(row["desired_config"] or {}).model_dump(),
+        update=None
+        if row["desired_update"] is None
+        else UpdateInstruction.model_validate(row["desired_update"]),
+    )
+    return device_topic(fleet, device_id, "desired"), desired.to_json().encode()
 
 
 def _gates(data: dict[str, Any]) -> Gates:

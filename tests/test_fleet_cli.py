@@ -113,6 +113,13 @@ def test_serve_then_drive_it_from_the_cli_then_sigterm(
         assert "paused" in paused.stdout and "reason: check" in paused.stdout
         bad = cli("rollouts", "show", "nope", env=env)
         assert bad.returncode == 1 and bad.stderr.startswith("FleetClientError:") and "404" in bad.stderr
+        conf = cli("configure", "cli-01", "--fleet", "cli", "--set", "low_battery_pct=30", env=env)
+        assert conf.returncode == 0, conf.stderr
+        assert "desired revision 1" in conf.stdout and '"low_battery_pct": 30' in conf.stdout
+        unknown = cli("configure", "cli-01", "--fleet", "cli", "--set", "warp=9", env=env)
+        assert unknown.returncode == 1 and "HTTP 422" in unknown.stderr and "warp" in unknown.stderr
+        ghost = cli("configure", "ghost", "--fleet", "cli", env=env)
+        assert ghost.returncode == 1 and "no device 'ghost'" in ghost.stderr
         no_token = cli("devices", env={k: v for k, v in env.items() if k != "EDGEPRUNE_FLEET_TOKEN"})
         assert no_token.returncode == 1 and "EDGEPRUNE_FLEET_TOKEN" in no_token.stderr
     finally:

@@ -18,7 +18,7 @@ from agent.signing import KeyPair, load_private_key, sign_manifest
 from fleet.broker import MosquittoBroker, free_port
 from fleet.gates import Gates
 from fleet.registry import upload_bundle
-from fleet.rollouts import Cohort, RolloutSpec
+from fleet.rollouts import Cohort, DeviceConfig, RolloutSpec
 from fleet.server import FleetServer, ServeConfig
 
 pytestmark = [pytest.mark.broker, pytest.mark.export, pytest.mark.slow]
@@ -96,6 +96,10 @@ def test_a_real_agent_is_updated_by_a_rollout(
                     (store.device("real-01") or {}).get("bundle_version") == compiled.manifest.bundle_version
                 )
             )
+            # a person pins a variant from the fleet; the rollout that follows must keep the pin
+            pin = next(v.name for v in compiled.manifest.variants if v.kind == "static")
+            server.manager.set_config("real-01", DeviceConfig(pinned_variant=pin), fleet=FLEET)
+            wait_for(lambda: agent.server.active == pin)
             r = server.manager.create(
                 RolloutSpec(
                     fleet=FLEET,
@@ -117,6 +121,8 @@ def test_a_real_agent_is_updated_by_a_rollout(
 
             wait_for(done, timeout=90)
             assert (store.device("real-01") or {})["bundle_version"] == "e2e-2"
+            wait_for(lambda: agent.manifest.bundle_version == "e2e-2" and agent.server.active == pin)
+            assert agent.decision is not None and "pinned" in agent.decision.reason, agent.decision
             update_dir = config.data_dir / "updates" / compiled.manifest.model_id
             assert (update_dir / compiled.manifest.bundle_version / "e2e-2" / "update.json").is_file()
         finally:

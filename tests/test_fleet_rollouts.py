@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from agent.bundle import BundleError
 from agent.contract import (
@@ -22,10 +23,11 @@ from agent.contract import (
     parse_message,
     parse_topic,
 )
+from agent.errors import UserError
 from agent.signing import KeyPair, PublicKey, SignatureError, load_public_key
 from fleet.gates import Gates
 from fleet.registry import BundleUploadError, upload_bundle
-from fleet.rollouts import Cohort, RolloutError, RolloutManager, RolloutSpec, stage_sizes
+from fleet.rollouts import Cohort, DeviceConfig, RolloutError, RolloutManager, RolloutSpec, stage_sizes
 from fleet.store import Store
 from tests.fleet_fixtures import db_url, make_bundle, pg_url  # noqa: F401
 
@@ -342,3 +344,46 @@ def test_the_update_artifact_is_made_before_devices_are_told(lite: Fleet) -> Non
     lite.manager.create(lite.spec())
     lite.manager.tick()
     assert (lite.data / "updates" / MODEL / "1.0.0" / "1.1.0" / "update.json").is_file()
+
+
+# ---- per-device configuration ---------------------------------------------------------------------------
+
+
+def test_a_device_config_is_published_and_every_rollout_keeps_it(fleet: Fleet) -> None:
+    """Pins and policy overrides set by a person survive rollouts, and a config change made while an
+    update is in flight re-sends that update (the retained desired state is the device's whole truth)."""
+    cfg = DeviceConfig(pinned_variant="dense", policy_overrides={"low_battery_pct": 30}, metrics_period_s=5)
+    device = fleet.manager.set_config("d00", cfg, fleet=FLEET)
+    (first,) = fleet.desired()
+    assert first.revision == device["desired_revision"] == 1
+    assert (first.pinned_variant, first.policy_overrides, first.metrics_period_s) == (
+        "dense",
+        {"low_battery_pct": 30},
+        5,
+    )
+    assert first.update is None
+
+    fleet.manager.create(fleet.spec(cohort=Cohort(devices=("d00",))))
+    fleet.manager.tick(fleet.t)
+    (sent,) = fleet.desired()
+    assert sent.update is not None and sent.update.target.bundle_version == "1.1.0"
+    assert (
+        sent.revision == 2
+        and sent.pinned_variant == "dense"
+        and sent.policy_overrides == {"low_battery_pct": 30}
+    )
+
+    fleet.manager.set_config("d00", DeviceConfig(heartbeat_period_s=60), fleet=FLEET)
+    (again,) = fleet.desired()
+    assert again.revision == 3 and again.pinned_variant is None and again.heartbeat_period_s == 60
+    assert again.update == sent.update  # still in flight: re-sent with the new config
+
+
+def test_a_device_config_is_checked_before_anything_is_sent(lite: Fleet) -> None:
+    with pytest.raises(UserError, match="no device 'ghost'"):
+        lite.manager.set_config("ghost", DeviceConfig(), fleet=FLEET)
+    with pytest.raises(UserError, match="not 'static-50'"):
+        lite.manager.set_config("d01", DeviceConfig(pinned_variant="static-50"), fleet=FLEET)
+    with pytest.raises(ValidationError, match="warp_speed"):
+        DeviceConfig(policy_overrides={"warp_speed": 9})
+    assert lite.desired() == []

@@ -32,6 +32,32 @@ def test_migrations_apply_once(db_url: str) -> None:  # noqa: F811
         assert again.count(schema.schema_version) == len(MIGRATIONS)
 
 
+def test_a_database_of_the_first_schema_is_upgraded_in_place(db_url: str) -> None:  # noqa: F811
+    """A fleet database made before migration 2 (devices without the desired-config columns) keeps its
+    rows and gains the columns when a newer manager opens it."""
+    from sqlalchemy import create_engine, inspect, text
+
+    engine = create_engine(db_url)
+    try:
+        with engine.begin() as conn:  # the first schema: today's devices table less the two columns
+            schema.schema_version.create(conn)
+            schema.devices.create(conn)
+            for column in ("desired_config", "desired_update"):
+                conn.execute(text(f"ALTER TABLE devices DROP COLUMN {column}"))
+            conn.execute(
+                text("INSERT INTO devices (fleet, device_id, desired_revision) VALUES ('f', 'kept', 4)")
+            )
+            conn.execute(schema.schema_version.insert().values(version=1, applied_at=0.0))
+    finally:
+        engine.dispose()
+    with Store(db_url) as store:
+        assert store.count(schema.schema_version) == len(MIGRATIONS)
+        columns = {c["name"] for c in inspect(store.engine).get_columns("devices")}
+        assert {"desired_config", "desired_update"} <= columns
+        kept = store.device("kept", fleet="f")
+        assert kept is not None and kept["desired_revision"] == 4 and kept["desired_config"] is None
+
+
 def test_migrations_from_several_processes_at_once(db_url: str) -> None:  # noqa: F811
     errors: list[BaseException] = []
 

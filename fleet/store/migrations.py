@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from sqlalchemy import Connection, Engine, select, text
+from sqlalchemy import Connection, Engine, inspect, select, text
 
 from fleet.store import schema as s
 
@@ -40,8 +40,18 @@ def _v1_initial(conn: Connection) -> None:
     s.metadata.create_all(conn, tables=tables)
 
 
+def _v2_desired_config(conn: Connection) -> None:
+    # v1 creates tables from the current schema, so a new database already has these columns
+    have = {c["name"] for c in inspect(conn).get_columns("devices")}
+    for name in ("desired_config", "desired_update"):
+        if name not in have:
+            column = s.devices.c[name]
+            conn.execute(text(f"ALTER TABLE devices ADD COLUMN {name} {column.type.compile(conn.dialect)}"))
+
+
 MIGRATIONS: list[Migration] = [
     (1, "initial schema: registry, telemetry, bundles, rollouts, counters, leases", _v1_initial),
+    (2, "per-device desired configuration kept across rollouts", _v2_desired_config),
 ]
 """Append only; never edit a migration that has shipped."""
 

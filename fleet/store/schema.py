@@ -64,6 +64,8 @@ devices = Table(
     Column("battery_pct", Float),
     Column("tags", JSON(none_as_null=True)),
     Column("desired_revision", Integer, nullable=False, default=0),
+    Column("desired_config", JSON(none_as_null=True)),  # pins, policy overrides, periods (fleet.desired)
+    Column("desired_update", JSON(none_as_null=True)),  # the last update instruction sent, for re-sends
     Column("first_seen", Float),
     Column("last_seen", Float),
 )
