@@ -26,10 +26,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import multiprocessing as mp
 import os
-import platform
 import resource
 import sys
 import tempfile
@@ -42,6 +40,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import psutil
+from _report import finish
 from fleet_ingest import FLEET, PgDatabases, _ingestor
 from sqlalchemy import func, select
 
@@ -708,16 +707,7 @@ def main(argv: list[str] | None = None) -> int:
     result["ok"] = not problems
 
     print_table(args, result)
-    args.json_out.parent.mkdir(parents=True, exist_ok=True)
-    result["command"] = " ".join(["python", *sys.argv]) if argv is None else " ".join(argv)
-    result["args"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "db"}
-    result["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version()}
-    args.json_out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.json_out}")
-    for problem in problems:
-        print(f"FAIL {problem}")
-    print("OK" if not problems else "FAILED")
-    return 0 if not problems else 1
+    return finish(result, args, argv, problems, ok="OK")
 
 
 if __name__ == "__main__":

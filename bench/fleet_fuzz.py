@@ -34,7 +34,6 @@ import json
 import logging
 import multiprocessing as mp
 import os
-import platform
 import random
 import sys
 import tempfile
@@ -49,7 +48,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fleet_ingest import PgDatabases  # bench/ is not a package
+from _report import finish  # bench/ is not a package
+from fleet_ingest import PgDatabases
 
 from agent.contract import (
     INT32_MAX,
@@ -750,16 +750,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ingestion threads alive at the end: {result['alive']}; crashes: {len(result['crashes'])}")
     if exp["edge"]:
         print(f"(stored expected includes {exp['edge']} edge-valid messages; unstorable ones are rejects)")
-    args.json_out.parent.mkdir(parents=True, exist_ok=True)
-    result["command"] = " ".join(["python", *sys.argv]) if argv is None else " ".join(argv)
-    result["args"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "db"}
-    result["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version()}
-    args.json_out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.json_out}")
-    for problem in problems:
-        print(f"FAIL {problem}")
-    print("OK: no crash, every payload accounted for" if not problems else "FAILED")
-    return 0 if not problems else 1
+    return finish(result, args, argv, problems, ok="OK: no crash, every payload accounted for")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -42,3 +44,14 @@ def connected_client(broker: MosquittoBroker, client_id: str) -> mqtt.Client:
     client.connect(broker.host, broker.port)
     client.loop_start()
     return client
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, *, poll_s: float = 0.05) -> Any:
+    """Poll ``predicate`` until it returns something truthy (returned) or fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll_s)
+    raise AssertionError(f"condition not met within {timeout}s")

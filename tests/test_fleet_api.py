@@ -4,10 +4,9 @@ OpenAPI, artifacts; and a rollout driven end to end through the broker."""
 from __future__ import annotations
 
 import json
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,23 +29,13 @@ from agent.signing import KeyPair
 from fleet.broker import MosquittoBroker, free_port
 from fleet.server import FleetServer, ServeConfig, parse_http
 from tests.fleet_fixtures import make_bundle
-from tests.helpers import Inbox, connected_client
+from tests.helpers import Inbox, connected_client, wait_for
 
 pytestmark = pytest.mark.broker
 
 FLEET = "api"
 MODEL = "fmnist-resnet"
 TOKEN = "t0ken-for-tests"
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"condition not met within {timeout}s")
 
 
 class Http:

@@ -5,7 +5,6 @@ rollout completes and the registry shows the new bundle."""
 from __future__ import annotations
 
 import shutil
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from fleet.gates import Gates
 from fleet.registry import upload_bundle
 from fleet.rollouts import Cohort, DeviceConfig, RolloutSpec
 from fleet.server import FleetServer, ServeConfig
+from tests.helpers import wait_for as helpers_wait_for
 
 pytestmark = [pytest.mark.broker, pytest.mark.export, pytest.mark.slow]
 
@@ -30,13 +30,7 @@ FLEET = "e2e"
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"condition not met within {timeout}s")
+    return helpers_wait_for(predicate, timeout, poll_s=0.1)
 
 
 def test_a_real_agent_is_updated_by_a_rollout(

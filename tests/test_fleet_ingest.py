@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,19 +14,10 @@ from fleet.broker import MosquittoBroker
 from fleet.ingest import Ingestor, shared_filters
 from fleet.store import Store, schema
 from tests.fleet_fixtures import db_url, pg_url  # noqa: F401
-from tests.helpers import connected_client
+from tests.helpers import connected_client, wait_for
 from tests.samples import sample_messages
 
 pytestmark = pytest.mark.broker
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"condition not met within {timeout}s")
 
 
 def metrics(device: str, seq: int) -> Metrics:

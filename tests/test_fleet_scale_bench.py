@@ -8,8 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +29,7 @@ from fleet.broker import MosquittoBroker, find_mosquitto
 from fleet.ingest import Ingestor, classify_reject, shared_filters
 from fleet.store import Store, schema
 from tests.fleet_fixtures import db_url, pg_url  # noqa: F401
-from tests.helpers import connected_client
+from tests.helpers import connected_client, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -136,15 +134,6 @@ def test_fuzz_bench_fails_when_the_broker_drops_messages(tmp_path: Path, mosquit
     assert not result["ok"]
     assert any(p.startswith("accounting:") and "unaccounted" in p for p in result["problems"])
     assert "FAILED" in output
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"condition not met within {timeout}s")
 
 
 @pytest.mark.broker
