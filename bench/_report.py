@@ -1,4 +1,5 @@
-"""The common end of the pass/fail benches: record how they ran, write the JSON, print the verdict."""
+"""What the pass/fail fleet benches share: a fresh database per run, and the end (record how they ran,
+write the JSON, print the verdict)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,26 @@ import json
 import os
 import platform
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from fleet_ingest import PgDatabases
+
+
+@contextmanager
+def fresh_database(url: str, *, prefix: str) -> Iterator[str]:
+    """A database for one run: a new one next to ``url`` when it is PostgreSQL, else a temporary SQLite
+    file; removed afterwards."""
+    pg = PgDatabases(url) if url.startswith("postgresql") else None
+    try:
+        with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+            yield pg.new() if pg is not None else f"sqlite:///{Path(tmp) / 'fleet.db'}"
+    finally:
+        if pg is not None:
+            pg.close()
 
 
 def finish(

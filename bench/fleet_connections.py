@@ -30,7 +30,6 @@ import multiprocessing as mp
 import os
 import resource
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -40,8 +39,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import psutil
-from _report import finish
-from fleet_ingest import FLEET, PgDatabases, _ingestor
+from _report import finish, fresh_database
+from fleet_ingest import FLEET, _ingestor
 from sqlalchemy import func, select
 
 from agent.contract import Birth, BundleRef, Metrics, Percentiles, Readings, Status, device_topic, envelope
@@ -687,20 +686,13 @@ def main(argv: list[str] | None = None) -> int:
     if hard < args.devices // args.procs + 100 or hard < args.devices + 100:
         print(f"the open-file limit {hard} is too low for {args.devices} connections", file=sys.stderr)
         return 2
-    pg = PgDatabases(args.db) if args.db.startswith("postgresql") else None
     config = (
         "max_queued_messages 0\nmax_inflight_messages 0\nsys_interval 1\n"
         f"max_connections {args.max_connections}\n"  # after the listener line: applies to it
     )
-    try:
-        with tempfile.TemporaryDirectory(prefix="fleet-conn-") as tmp:
-            db = pg.new() if pg is not None else f"sqlite:///{Path(tmp) / 'fleet.db'}"
-            with MosquittoBroker(extra_config=config) as broker:
-                result = run(args, db, broker)
-    finally:
-        if pg is not None:
-            pg.close()
-    result["store"] = "postgresql" if pg is not None else "sqlite"
+    with fresh_database(args.db, prefix="fleet-conn-") as db, MosquittoBroker(extra_config=config) as broker:
+        result = run(args, db, broker)
+    result["store"] = "postgresql" if args.db.startswith("postgresql") else "sqlite"
     result["fd_limit"] = hard
     problems = check(result)
     result["problems"] = problems

@@ -36,7 +36,6 @@ import multiprocessing as mp
 import os
 import random
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -48,8 +47,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _report import finish  # bench/ is not a package
-from fleet_ingest import PgDatabases
+from _report import finish, fresh_database  # bench/ is not a package
 
 from agent.contract import (
     INT32_MAX,
@@ -700,23 +698,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json-out", type=Path, default=Path("out/bench/fleet-fuzz.json"))
     args = parser.parse_args(argv)
 
-    pg = PgDatabases(args.db) if args.db.startswith("postgresql") else None
-    try:
-        with tempfile.TemporaryDirectory(prefix="fleet-fuzz-") as tmp:
-            db = pg.new() if pg is not None else f"sqlite:///{Path(tmp) / 'fleet.db'}"
-            # 0: the manager's session may queue without bound (see docs/fleet.md); otherwise mosquitto's
-            # default of 20 messages in flight plus at most --broker-queue queued, beyond which it drops.
-            config = (
-                "max_queued_messages 0\nmax_inflight_messages 0"
-                if not args.broker_queue
-                else f"max_queued_messages {args.broker_queue}"
-            )
-            with MosquittoBroker(extra_config=config) as broker:
-                result = run(args, db, broker)
-    finally:
-        if pg is not None:
-            pg.close()
-    result["store"] = "postgresql" if pg is not None else "sqlite"
+    # 0: the manager's session may queue without bound (see docs/fleet.md); otherwise mosquitto's
+    # default of 20 messages in flight plus at most --broker-queue queued, beyond which it drops.
+    config = (
+        "max_queued_messages 0\nmax_inflight_messages 0"
+        if not args.broker_queue
+        else f"max_queued_messages {args.broker_queue}"
+    )
+    with fresh_database(args.db, prefix="fleet-fuzz-") as db, MosquittoBroker(extra_config=config) as broker:
+        result = run(args, db, broker)
+    result["store"] = "postgresql" if args.db.startswith("postgresql") else "sqlite"
     problems = check(result)
     result["problems"] = problems
     result["ok"] = not problems
