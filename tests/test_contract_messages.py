@@ -6,7 +6,16 @@ import json
 
 import pytest
 
-from agent.contract import CHANNELS, ContractError, Message, Status, channel_for_kind, envelope, parse_message
+from agent.contract import (
+    CHANNELS,
+    ContractError,
+    Event,
+    Message,
+    Status,
+    channel_for_kind,
+    envelope,
+    parse_message,
+)
 from tests.samples import sample_messages
 
 MESSAGES = sample_messages()
@@ -90,6 +99,25 @@ def test_field_rules(edit, fragment: str) -> None:  # type: ignore[no-untyped-de
     with pytest.raises(ContractError, match=fragment) as info:
         parse_message(json.dumps(data))
     assert any(fragment in line or "status" in line for line in info.value.errors)
+
+
+@pytest.mark.parametrize("where", ["message", "data-value", "data-key"])
+def test_nul_characters_are_refused_anywhere(where: str) -> None:
+    """No store can keep U+0000 everywhere (PostgreSQL refuses it in text), so the wire refuses it."""
+    text, data = "fine", {"k": "v"}
+    if where == "message":
+        text = "a\x00b"
+    elif where == "data-value":
+        data = {"k": "v\x00"}
+    else:
+        data = {"k\x00": "v"}
+    event = Event(**envelope(device_id="d1", seq=1), event="error", severity="error", message=text, data=data)
+    for payload in (event.to_json(), event.to_json().encode()):
+        with pytest.raises(ContractError, match="NUL character"):
+            parse_message(payload)
+    # the six characters backslash-u-0-0-0-0 as text are fine
+    literal = Event(**envelope(device_id="d1", seq=1), event="error", severity="error", message="\\u0000")
+    assert parse_message(literal.to_json().encode()).message == "\\u0000"
 
 
 def test_wrong_kind_for_channel_is_rejected() -> None:

@@ -9,6 +9,7 @@ QoS 1 redelivery or an outbox replay. See ``docs/protocol.md``.
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
@@ -264,6 +265,16 @@ Message = Annotated[
 _MESSAGE = TypeAdapter[Message](Message)
 
 
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
+
+
 def parse_message(
     data: str | bytes | bytearray, *, expect_kind: str | None = None, expect_device: str | None = None
 ) -> Message:
@@ -280,6 +291,13 @@ def parse_message(
         message = _MESSAGE.validate_json(data)
     except ValidationError as exc:
         raise contract_error("message", exc) from exc
+    if (b"\\u0000" if isinstance(data, bytes | bytearray) else "\\u0000") in data and _has_nul(
+        json.loads(data)
+    ):
+        raise ContractError(
+            "message holds a NUL character (U+0000) in a string",
+            hint="no text on the wire may contain U+0000: the fleet's databases cannot store it",
+        )
     if expect_kind is not None and message.kind != expect_kind:
         raise ContractError(
             f"a {message.kind!r} message arrived where {expect_kind!r} was expected",
