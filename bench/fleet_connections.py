@@ -39,6 +39,17 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import psutil
+from _mqtt_raw import (
+    CONNACK,
+    DISCONNECT,
+    DISCONNECT_PACKET,
+    PINGREQ_PACKET,
+    PINGRESP,
+    PUBACK,
+    connect_packet,
+    packets,
+    publish_packet,
+)
 from _report import finish, fresh_database
 from fleet_ingest import FLEET, _ingestor
 from sqlalchemy import func, select
@@ -49,38 +60,6 @@ from fleet.broker import MosquittoBroker
 from fleet.store import Store, schema
 
 MB = 2**20
-
-# --- a minimal MQTT v5 client: CONNECT with a will, PUBLISH QoS 1, PINGREQ, DISCONNECT ----------------
-
-CONNACK, PUBLISH, PUBACK, PINGRESP, DISCONNECT = 2, 3, 4, 13, 14
-PINGREQ_PACKET = b"\xc0\x00"
-DISCONNECT_PACKET = b"\xe0\x00"  # reason 0 (normal): the broker discards the will
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        n, digit = divmod(n, 128)
-        out.append(digit | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _utf8(data: bytes) -> bytes:
-    return len(data).to_bytes(2, "big") + data
-
-
-def connect_packet(client_id: str, *, keepalive: int, will_topic: str, will_payload: bytes) -> bytes:
-    flags = 0x02 | 0x04 | (1 << 3) | 0x20  # clean start, will, will QoS 1, will retained
-    header = _utf8(b"MQTT") + bytes([5, flags]) + keepalive.to_bytes(2, "big") + b"\x00"  # no properties
-    payload = _utf8(client_id.encode()) + b"\x00" + _utf8(will_topic.encode()) + _utf8(will_payload)
-    body = header + payload
-    return b"\x10" + _varint(len(body)) + body
-
-
-def publish_packet(topic: str, payload: bytes, *, packet_id: int, retain: bool) -> bytes:
-    body = _utf8(topic.encode()) + packet_id.to_bytes(2, "big") + b"\x00" + payload
-    return bytes([0x30 | 0x02 | int(retain)]) + _varint(len(body)) + body
 
 
 class Counters:
@@ -137,23 +116,8 @@ class Device(asyncio.Protocol):
         )
 
     def data_received(self, data: bytes) -> None:
-        buf = self.buffer
-        buf += data
-        while len(buf) >= 2:
-            length, shift, pos = 0, 0, 1
-            while True:
-                if pos >= len(buf):
-                    return
-                byte = buf[pos]
-                length |= (byte & 0x7F) << shift
-                pos += 1
-                if not byte & 0x80:
-                    break
-                shift += 7
-            if len(buf) < pos + length:
-                return
-            kind, body = buf[0] >> 4, bytes(buf[pos : pos + length])
-            del buf[: pos + length]
+        self.buffer += data
+        for kind, body in packets(self.buffer):
             self.handle(kind, body)
 
     def handle(self, kind: int, body: bytes) -> None:

@@ -17,6 +17,7 @@ PostgreSQL: a database named ``edgeprune_bench_<random>`` is created from ``--pg
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -28,11 +29,16 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from agent.contract import Metrics, Percentiles, Readings, device_topic, envelope, parse_message
 from agent.mqtt import make_client, parse_broker_url
 from fleet.broker import MosquittoBroker
 from fleet.ingest import Ingestor
 from fleet.store import Store, schema
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _mqtt_raw import BlockingPublisher
 
 FLEET = "bench"
 
@@ -55,20 +61,31 @@ def payloads(start: int, n: int, devices: int) -> list[tuple[str, bytes]]:
     return out
 
 
-def _publisher(*, broker_url: str, start: int, n: int, devices: int, go: Any, done: Any) -> None:
+def _publisher(
+    *, broker_url: str, start: int, n: int, devices: int, go: Any, done: Any, paho: bool = False
+) -> None:
     items = payloads(start, n, devices)
     address = parse_broker_url(broker_url)
-    client = make_client(f"bench-pub-{start}")
-    client.max_inflight_messages_set(1000)
-    client.connect(address.host, address.port)
-    client.loop_start()
+    if paho:
+        client = make_client(f"bench-pub-{start}")
+        client.max_inflight_messages_set(1000)
+        client.connect(address.host, address.port)
+        client.loop_start()
+        go.wait()
+        c0 = time.process_time()  # this thread only; paho's network thread is not counted
+        infos = [client.publish(topic, payload, qos=1) for topic, payload in items]
+        for info in infos:
+            info.wait_for_publish(120)
+        done.put((time.time(), time.process_time() - c0))
+        client.disconnect()
+        client.loop_stop()
+        return
+    raw = BlockingPublisher(address.host, address.port, f"bench-pub-{start}")
     go.wait()
-    infos = [client.publish(topic, payload, qos=1) for topic, payload in items]
-    for info in infos:
-        info.wait_for_publish(120)
-    done.put(time.time())
-    client.disconnect()
-    client.loop_stop()
+    c0 = time.process_time()
+    raw.publish_all(items)
+    done.put((time.time(), time.process_time() - c0))
+    raw.close()
 
 
 def _ingestor(*, db: str, broker_url: str, group: str, batch: int, ready: Any, stop: Any) -> None:
@@ -130,7 +147,13 @@ def broker_rate(broker: MosquittoBroker, args: argparse.Namespace) -> float:
         ctx.Process(
             target=_publisher,
             kwargs=dict(
-                broker_url=broker.url, start=k * share, n=share, devices=args.devices, go=go, done=done
+                broker_url=broker.url,
+                start=k * share,
+                n=share,
+                devices=args.devices,
+                go=go,
+                done=done,
+                paho=args.paho_publishers,
             ),
         )
         for k in range(args.publishers)
@@ -144,6 +167,15 @@ def broker_rate(broker: MosquittoBroker, args: argparse.Namespace) -> float:
     for p in [*pubs, counter]:
         p.join(60)
     return float(got / (t1 - t0))
+
+
+def _cpu_s(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            t = psutil.Process(pid).cpu_times()
+            total += t.user + t.system
+    return total
 
 
 def live_rate(db: str, broker: MosquittoBroker, args: argparse.Namespace) -> dict[str, Any]:
@@ -168,7 +200,13 @@ def live_rate(db: str, broker: MosquittoBroker, args: argparse.Namespace) -> dic
         ctx.Process(
             target=_publisher,
             kwargs=dict(
-                broker_url=broker.url, start=k * share, n=share, devices=args.devices, go=go, done=done
+                broker_url=broker.url,
+                start=k * share,
+                n=share,
+                devices=args.devices,
+                go=go,
+                done=done,
+                paho=args.paho_publishers,
             ),
         )
         for k in range(args.publishers)
@@ -177,6 +215,19 @@ def live_rate(db: str, broker: MosquittoBroker, args: argparse.Namespace) -> dic
         p.start()
     time.sleep(2.0)  # let publishers connect and serialise their payloads
     total = share * args.publishers
+
+    def pids() -> dict[str, list[int]]:
+        return {
+            "manager": [p.pid for p in ingestors if p.pid is not None],
+            "broker": [broker.pid] if broker.pid is not None else [],
+            # PostgreSQL's server processes, the connections' backends included (SQLite works inside
+            # the manager's process)
+            "database": [p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "postgres"]
+            if db.startswith("postgresql")
+            else [],
+        }
+
+    cpu0 = {k: _cpu_s(v) for k, v in pids().items()}
     with Store(db, migrate_on_open=False) as store:
         t0 = time.time()
         go.set()
@@ -188,7 +239,10 @@ def live_rate(db: str, broker: MosquittoBroker, args: argparse.Namespace) -> dic
                 break
             time.sleep(0.05)
         t1 = time.time()
-    published = max(done.get(timeout=60) for _ in pubs)
+    cpu = {k: _cpu_s(v) - cpu0[k] for k, v in pids().items()}
+    finished = [done.get(timeout=60) for _ in pubs]
+    published = max(at for at, _ in finished)
+    cpu["publishers"] = sum(c for _, c in finished)
     stop.set()
     for p in [*pubs, *ingestors]:
         p.join(60)
@@ -200,6 +254,8 @@ def live_rate(db: str, broker: MosquittoBroker, args: argparse.Namespace) -> dic
         "seconds": t1 - t0,
         "stored_per_s": stored / (t1 - t0),
         "published_per_s": total / (published - t0),
+        # CPU time per stored message, microseconds: where the 2 cores went
+        "cpu_us_per_msg": {k: v / max(stored, 1) * 1e6 for k, v in cpu.items()},
     }
 
 
@@ -256,6 +312,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--publishers", type=int, default=2)
     parser.add_argument("--ingestors", type=int, default=1)
     parser.add_argument("--batch", type=int, default=500)
+    parser.add_argument(
+        "--paho-publishers",
+        action="store_true",
+        help="publish with paho clients instead of raw-socket ones (paho costs ~10x the CPU per message)",
+    )
     parser.add_argument("--timeout", type=float, default=120.0, help="give up waiting for the store after")
     parser.add_argument(
         "--pg", default="postgresql+psycopg://postgres@127.0.0.1:5432/test", help="'' skips PostgreSQL"
@@ -310,6 +371,22 @@ def main(argv: list[str] | None = None) -> int:
             f"{name:12} {r['stored_per_s']:13,.0f} {r['published_per_s']:16,.0f} "
             f"{r['broker_only_per_s']:14,.0f} "
             f"{r['parse_only_per_s']:13,.0f} {r['store_only_per_s']:13,.0f}"
+        )
+    print()
+    print("CPU time per stored message during the live run (microseconds), and what it allows:")
+    header = (
+        f"{'store':12} {'manager':>8} {'broker':>7} {'database':>9} {'publishers':>11} {'total':>7} "
+        f"{'msg/s per core':>15} {'cores for 20k/s':>16}"
+    )
+    print(header)
+    print("-" * len(header))
+    for name, r in results.items():
+        c = r["cpu_us_per_msg"]
+        total = sum(c.values())
+        r["cores_for_20k"] = total * 20000 / 1e6
+        print(
+            f"{name:12} {c['manager']:8.1f} {c['broker']:7.1f} {c['database']:9.1f} {c['publishers']:11.1f} "
+            f"{total:7.1f} {1e6 / total:15,.0f} {r['cores_for_20k']:16.2f}"
         )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(
