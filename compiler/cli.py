@@ -71,7 +71,7 @@ def add_compile_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore
     )
     p.add_argument("--epochs", type=float, default=None, help="dense training epochs (default 12)")
     p.add_argument(
-        "--finetune-epochs", type=float, default=1.0, help="fine-tuning epochs per variant (default 1)"
+        "--finetune-epochs", type=float, default=2.0, help="fine-tuning epochs per variant (default 2)"
     )
     p.add_argument(
         "--iterations",
@@ -108,6 +108,13 @@ def add_compile_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore
     p.add_argument(
         "--threads", type=int, default=1, help="runtime threads for latency measurement (default 1)"
     )
+    p.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="training compute type: auto = bf16 autocast where the CPU has native bf16 (AVX512-BF16/AMX, "
+        "~1.7x faster), else fp32; weights and exported files are float32 either way",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=_run_compile)
@@ -118,10 +125,11 @@ def _run_compile(args: argparse.Namespace) -> int:
     from compiler.pipeline import CompileOptions, compile_bundle
     from compiler.train import TrainConfig
 
+    precision = {} if args.precision == "auto" else {"precision": args.precision}
     train = (
-        TrainConfig(seed=args.seed)
+        TrainConfig(**precision, seed=args.seed)
         if args.epochs is None
-        else TrainConfig(epochs=args.epochs, seed=args.seed)
+        else TrainConfig(**precision, epochs=args.epochs, seed=args.seed)
     )
     opts = CompileOptions(
         out=args.out,
@@ -142,7 +150,9 @@ def _run_compile(args: argparse.Namespace) -> int:
         latency_runs=args.latency_runs,
         threads=args.threads,
         gated=args.gated,
-        gate=GateTrainConfig(slim_epochs=args.slim_epochs, gate_epochs=args.gate_epochs, seed=args.seed),
+        gate=GateTrainConfig(
+            **precision, slim_epochs=args.slim_epochs, gate_epochs=args.gate_epochs, seed=args.seed
+        ),
         force=args.force,
     )
     result = compile_bundle(opts)

@@ -72,7 +72,7 @@ class CompileOptions:
     auto: bool = True
     max_drop: float = 0.05
     train: TrainConfig = field(default_factory=TrainConfig)
-    finetune_epochs: float = 1.0
+    finetune_epochs: float = 2.0
     iterations: int = 2
     align_channels: int = 8
     sparsity: float = 0.0
@@ -134,8 +134,9 @@ def _validate(opts: CompileOptions) -> None:
         raise CompileError(
             f"{opts.out} already exists", hint="pass --force to replace it, or choose another --out"
         )
-    if not opts.out.parent.is_dir():
-        raise CompileError(f"the parent of --out ({opts.out.parent}) does not exist")
+    blocker = next((p for p in (opts.out.parent, *opts.out.parent.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise CompileError(f"--out {opts.out} lies under {blocker}, which is a file, not a directory")
     load_private_key(opts.key)  # fail now, not after training
 
 

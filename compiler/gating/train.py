@@ -15,7 +15,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,7 @@ from torch import nn
 from compiler.data import TensorData, augment
 from compiler.gating.slim import SlimNet
 from compiler.progress import progress
+from compiler.train import native_bf16
 
 __all__ = ["BudgetResult", "GateTrainConfig", "evaluate_gated", "train_gates", "train_slim"]
 
@@ -47,6 +48,7 @@ class GateTrainConfig:
     tau: float = 1.0
     kd_temperature: float = 4.0
     seed: int = 0
+    precision: str = field(default_factory=lambda: "bf16" if native_bf16() else "fp32")  # slim step only
 
 
 def _kd(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -101,16 +103,18 @@ def train_slim(net: SlimNet, data: TensorData, config: GateTrainConfig, *, teach
     started = time.monotonic()
     with progress(total=total, desc="train gated: shared widths", unit="step") as bar:
         for step, (x, y) in enumerate(_batches(data, config, config.slim_epochs, gen)):
-            with torch.no_grad():
-                soft = teacher(x)
-            full = net(x)
-            loss = 0.5 * F.cross_entropy(full, y) + 0.5 * _kd(full, soft, config.kd_temperature)
-            target = full.detach()
             configs: list[Sequence[int]] = [[0] * len(counts)]
             for _ in range(config.random_widths):
                 configs.append([int(torch.randint(c, (1,), generator=gen)) for c in counts])
-            for widths in configs:
-                loss = loss + _kd(net(x, widths), target, config.kd_temperature)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+                with torch.no_grad():
+                    soft = teacher(x).float()
+                full = net(x).float()
+                narrow = [net(x, widths).float() for widths in configs]
+            loss = 0.5 * F.cross_entropy(full, y) + 0.5 * _kd(full, soft, config.kd_temperature)
+            target = full.detach()
+            for out in narrow:
+                loss = loss + _kd(out, target, config.kd_temperature)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
