@@ -2,11 +2,14 @@
 
 Scenarios (each "new" bundle is a real compiler product, signed with a throw-away key):
 
-(a) fine-tune   every .onnx file of ``--bundle`` fine-tuned on the bundle's data set (Adam, ``--steps``
-                steps, directly on the exported graph: same architecture, same layout), once snapped
-                to a 4-bit grid per tensor (``compiler/finetune.py``, delta-aware) and once raw.
-                Accuracy before/after on the test split is reported. .pte files are not fine-tuned
-                (no pte writer here): the (a) rows count the onnx files, what an onnx device fetches.
+(a) fine-tune   every whole-model variant of ``--bundle`` (dense, static; gated segments stay) rebuilt in
+                torch from its own files (source model + pruning plan, the weights read from the .onnx
+                and .pte; each file must re-export byte-identical before anything else happens),
+                fine-tuned once on the bundle's data set (Adam, ``--steps`` steps), then for each of
+                ``--bits`` and raw: snapped against each runtime's old weights (``compiler/finetune.py``,
+                delta-aware), re-exported to .onnx and .pte with the compiler's exporters and verified
+                as the compiler does, re-signed. Rows per runtime: "onnx" and "pte" (what a device of
+                that runtime fetches) and "all". Test accuracy before/after is reported per file.
 (b) new variant a bundle compiled with ``compile_bundle`` (ratios 0.5) vs the same compile with one more
                 static variant (ratios 0.5, 0.75), same cached dense checkpoint.
 (c) re-pruned   the same base vs a compile with another ladder (ratios 0.4, 0.6).
@@ -44,6 +47,8 @@ from agent.contract import MANIFEST_FILENAME, BundleManifest
 from agent.delta import UPDATE_FILENAME, _candidates, make_update
 from agent.signing import generate_keys
 
+RUNTIME_LABEL = {None: "all", "onnx": "onnx", "executorch": "pte"}
+
 
 def _files(bundle: Path, runtime: str | None = None) -> list[str]:
     m = open_bundle(bundle, public_key=None)
@@ -57,44 +62,62 @@ def _bases(old: Path, new: Path, path: str) -> list[str]:
     return _candidates(path, f.runtime, om, f.size_bytes)
 
 
-def measure(old: Path, new: Path, work: Path, *, runtime: str | None = None) -> dict[str, Any]:
-    """Bytes on the wire for old -> new, restricted to ``runtime``'s files if given."""
-    paths = _files(new, runtime)
+def measure(
+    old: Path, new: Path, work: Path, *, runtimes: tuple[str | None, ...] = (None,)
+) -> list[dict[str, Any]]:
+    """Bytes on the wire for old -> new, once per entry of ``runtimes`` (that runtime's files; None: all).
+
+    Each codec runs once over the whole bundle; every row counts the new manifest.json and the whole
+    update.json index (a device fetches both) plus the artifacts of its files.
+    """
     manifest_bytes = (new / MANIFEST_FILENAME).stat().st_size
-    full = manifest_bytes + sum((new / p).stat().st_size for p in paths)
     started = time.perf_counter()
     update = make_update(old, new, work / "ours")
     ours_s = time.perf_counter() - started
-    ours = update.wire_bytes(paths) + (work / "ours" / UPDATE_FILENAME).stat().st_size + manifest_bytes
-    patch = make_update(old, new, work / "patch", methods=("unchanged", "patch", "zstd"))
     index = (work / "ours" / UPDATE_FILENAME).stat().st_size  # every method needs such an index
-    zstd_patch = patch.wire_bytes(paths) + manifest_bytes + (work / "patch" / UPDATE_FILENAME).stat().st_size
+    patch = make_update(old, new, work / "patch", methods=("unchanged", "patch", "zstd"))
+    patch_index = (work / "patch" / UPDATE_FILENAME).stat().st_size
     whole = make_update(old, new, work / "zstd", methods=("unchanged", "zstd"))
-    zstd_whole = whole.wire_bytes(paths) + manifest_bytes + (work / "zstd" / UPDATE_FILENAME).stat().st_size
-    bsdiff = manifest_bytes + index
-    for p in paths:
+    whole_index = (work / "zstd" / UPDATE_FILENAME).stat().st_size
+    bsdiff_of: dict[str, int] = {}
+    for p in _files(new):
         data = (new / p).read_bytes()
+        if update.entry(p).method == "unchanged":  # type: ignore[union-attr]
+            bsdiff_of[p] = 0
+            continue
         candidates = [bz2.compress(data, 9)]
         for b in _bases(old, new, p):
             candidates.append(bsdiff4.diff((old / b).read_bytes(), data))
-        bsdiff += min(len(c) for c in candidates)
-    methods: dict[str, int] = {}
-    for f in update.files:
-        if f.path in paths:
-            methods[f.method] = methods.get(f.method, 0) + 1
-    return {
-        "full_bytes": full,
-        "ours_bytes": ours,
-        "bsdiff_bytes": bsdiff,
-        "zstd_patch_from_bytes": zstd_patch,
-        "zstd_whole_bytes": zstd_whole,
-        "ours_pct": 100 * ours / full,
-        "bsdiff_pct": 100 * bsdiff / full,
-        "zstd_patch_from_pct": 100 * zstd_patch / full,
-        "zstd_whole_pct": 100 * zstd_whole / full,
-        "methods": methods,
-        "make_update_s": ours_s,
-    }
+        bsdiff_of[p] = min(len(c) for c in candidates)
+    rows = []
+    for runtime in runtimes:
+        paths = _files(new, runtime)
+        full = manifest_bytes + sum((new / p).stat().st_size for p in paths)
+        ours = update.wire_bytes(paths) + index + manifest_bytes
+        zstd_patch = patch.wire_bytes(paths) + patch_index + manifest_bytes
+        zstd_whole = whole.wire_bytes(paths) + whole_index + manifest_bytes
+        bsdiff = manifest_bytes + index + sum(bsdiff_of[p] for p in paths)
+        methods: dict[str, int] = {}
+        for f in update.files:
+            if f.path in paths:
+                methods[f.method] = methods.get(f.method, 0) + 1
+        rows.append(
+            {
+                "files": RUNTIME_LABEL[runtime],
+                "full_bytes": full,
+                "ours_bytes": ours,
+                "bsdiff_bytes": bsdiff,
+                "zstd_patch_from_bytes": zstd_patch,
+                "zstd_whole_bytes": zstd_whole,
+                "ours_pct": 100 * ours / full,
+                "bsdiff_pct": 100 * bsdiff / full,
+                "zstd_patch_from_pct": 100 * zstd_patch / full,
+                "zstd_whole_pct": 100 * zstd_whole / full,
+                "methods": methods,
+                "make_update_s": ours_s,
+            }
+        )
+    return rows
 
 
 def onnx_accuracy(path: Path, x: np.ndarray, y: np.ndarray) -> float:
@@ -107,36 +130,94 @@ def onnx_accuracy(path: Path, x: np.ndarray, y: np.ndarray) -> float:
     return correct / len(x)
 
 
+def eager_accuracy(model: Any, x: Any, y: Any) -> float:
+    """Accuracy of a torch model (the one a file was verified against, to 1e-4 per logit)."""
+    import torch
+
+    with torch.no_grad():
+        pred = torch.cat([model(x[i : i + 256]).argmax(1) for i in range(0, len(x), 256)])
+    return float((pred == y).float().mean())
+
+
 def scenario_finetune(base: Path, work: Path, key: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """(a): every whole-model variant of ``base`` rebuilt in torch from its files (checked byte for byte),
+    fine-tuned once, then per grid (and raw) snapped per runtime and re-exported to .onnx and .pte."""
+    import torch
+
     from compiler.data import load_splits
-    from compiler.finetune import finetune_onnx, resign_bundle
+    from compiler.finetune import (
+        export_deployed,
+        finetune_deployed,
+        rebuild_variant,
+        resign_bundle,
+        snap_weights,
+    )
 
     manifest = BundleManifest.from_json((base / MANIFEST_FILENAME).read_bytes())
     splits = load_splits(args.data_finetune or manifest.created.dataset)
     train = (splits.train.x, splits.train.y)
     test = splits.test.subset(args.test_samples, seed=3)
     tx, ty = test.x.numpy().astype(np.float32), test.y.numpy()
+    checks = torch.cat([torch.randn(8, *manifest.input.shape[1:]), splits.test.x[:8]])
+    grids: list[int | None] = [*args.bits, None]
+    bundles = {}
+    for bits in grids:
+        bundles[bits] = work / f"ft-{bits}"
+        shutil.copytree(base, bundles[bits])
+    accuracy: dict[int | None, dict[str, dict[str, float]]] = {b: {} for b in grids}
+    snap_error: dict[int | None, dict[str, float]] = {b: {} for b in grids}
+    verified: dict[str, float] = {}
+    for v in manifest.variants:
+        if v.kind == "gated":  # gated segments are not whole models: left unchanged
+            continue
+        started = time.perf_counter()
+        rebuilt = rebuild_variant(base, v.name, checks=checks, scratch=work / "reexport")
+        print(
+            f"    {v.name}: rebuilt from its files, re-export byte-identical ({', '.join(rebuilt.files)}) "
+            f"in {time.perf_counter() - started:.0f}s",
+            flush=True,
+        )
+        before = {
+            "onnx": onnx_accuracy(base / rebuilt.files["onnx"], tx, ty),
+            "executorch": eager_accuracy(rebuilt.module(rebuilt.weights["executorch"]), test.x, test.y),
+        }
+        tuned = finetune_deployed(rebuilt, train, steps=args.steps, lr=args.lr, seed=1)
+        for bits in grids:
+            for runtime, rel in rebuilt.files.items():
+                weights, stats = snap_weights(rebuilt.weights[runtime], tuned, bits=bits)
+                path = bundles[bits] / rel
+                worst = export_deployed(rebuilt, weights, runtime, path, checks)
+                verified[f"{bits}/{rel}"] = worst
+                after = (
+                    onnx_accuracy(path, tx, ty)
+                    if runtime == "onnx"
+                    else eager_accuracy(rebuilt.module(weights), test.x, test.y)
+                )
+                accuracy[bits][f"{v.name} {RUNTIME_LABEL[runtime]}"] = {
+                    "before": before[runtime],
+                    "after": after,
+                }
+                snap_error[bits][f"{v.name} {RUNTIME_LABEL[runtime]}"] = stats.relative_error
+        print(f"    {v.name}: fine-tuned, snapped, re-exported and verified", flush=True)
     rows = []
-    variants: list[tuple[str, int | None]] = [
-        (f"fine-tune, snapped {b}-bit (delta-aware)", b) for b in args.bits
-    ]
-    for label, bits in [*variants, ("fine-tune, raw", None)]:
-        new = work / f"ft-{bits}"
-        shutil.copytree(base, new)
-        accuracy: dict[str, tuple[float, float]] = {}
-        for v in manifest.variants:
-            f = v.file_for("onnx")
-            if f is None or v.kind == "gated":  # gated segments are not whole models: left unchanged
-                continue
-            before = onnx_accuracy(base / f.path, tx, ty)
-            finetune_onnx(base / f.path, new / f.path, train, steps=args.steps, lr=args.lr, bits=bits, seed=1)
-            accuracy[v.name] = (before, onnx_accuracy(new / f.path, tx, ty))
-        resign_bundle(new, key, bundle_version=f"{manifest.bundle_version}-ft")
+    for bits in grids:
+        label = (
+            "fine-tune, raw (not snapped)" if bits is None else f"fine-tune, snapped {bits}-bit (delta-aware)"
+        )
+        resign_bundle(bundles[bits], key, bundle_version=f"{manifest.bundle_version}-ft")
         w = work / f"m-ft-{bits}"
         w.mkdir()
-        row = {"scenario": f"(a) {label}", "files": "onnx", **measure(base, new, w, runtime="onnx")}
-        row["accuracy"] = {k: {"before": a, "after": b} for k, (a, b) in accuracy.items()}
-        rows.append(row)
+        for measured in measure(base, bundles[bits], w, runtimes=("onnx", "executorch", None)):
+            every = measured["files"] == "all"
+            rows.append(
+                {
+                    "scenario": f"(a) {label}",
+                    **measured,
+                    "accuracy": accuracy[bits] if every else {},
+                    "snap_relative_error": snap_error[bits] if every else {},
+                }
+            )
+    rows[0]["verified_max_abs_diff"] = verified
     return rows
 
 
@@ -179,21 +260,16 @@ def scenario_compile(work: Path, key: Path, args: argparse.Namespace) -> tuple[P
         return compile_bundle(opts).out
 
     base = build("c-base", (0.5,), "1.0.0")
+    if args.finetune_only:
+        return base, []
     added = build("c-added", (0.5, 0.75), "1.1.0")
     repruned = build("c-repruned", (0.4, 0.6), "2.0.0")
     rows = []
     for label, new in (("(b) new static variant added", added), ("(c) re-pruned ladder", repruned)):
-        for runtime in (None, "onnx"):
-            w = work / f"m-{new.name}-{runtime}"
-            w.mkdir()
-            rows.append(
-                {
-                    "scenario": label,
-                    "files": runtime or "all",
-                    "model": args.model,
-                    **measure(base, new, w, runtime=runtime),
-                }
-            )
+        w = work / f"m-{new.name}"
+        w.mkdir()
+        for row in measure(base, new, w, runtimes=(None, "onnx", "executorch")):
+            rows.append({"scenario": label, "model": args.model, **row})
     return base, rows
 
 
@@ -212,7 +288,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="tests.tiny_models:small_reference", help="model for (b) and (c)")
     parser.add_argument("--data", default=None, help="data for (b) and (c) (default: in-code fixture)")
     parser.add_argument("--train-epochs", type=float, default=2.0)
-    parser.add_argument("--skip-compile", action="store_true", help="only scenario (a)")
+    parser.add_argument("--skip-compile", action="store_true", help="only scenario (a), on --bundle")
+    parser.add_argument(
+        "--finetune-only", action="store_true", help="compile only the base, run only scenario (a) on it"
+    )
     parser.add_argument("--json", type=Path, default=Path("out/bench-ota.json"))
     args = parser.parse_args(argv)
 
@@ -230,11 +309,11 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     print(
-        f"{'scenario':<42}{'files':<6}{'full B':>10}{'ours':>9}{'bsdiff':>9}{'zstd-pf':>9}{'zstd':>8}  methods"  # noqa: E501
+        f"{'scenario':<44}{'files':<6}{'full B':>10}{'ours':>9}{'bsdiff':>9}{'zstd-pf':>9}{'zstd':>8}  methods"  # noqa: E501
     )
     for r in rows:
         print(
-            f"{r['scenario']:<42}{r['files']:<6}{r['full_bytes']:>10}{r['ours_pct']:>8.1f}%{r['bsdiff_pct']:>8.1f}%"
+            f"{r['scenario']:<44}{r['files']:<6}{r['full_bytes']:>10}{r['ours_pct']:>8.1f}%{r['bsdiff_pct']:>8.1f}%"
             f"{r['zstd_patch_from_pct']:>8.1f}%{r['zstd_whole_pct']:>7.1f}%  {r['methods']}"
         )
         for variant, acc in r.get("accuracy", {}).items():

@@ -174,30 +174,3 @@ def test_cli_bundle_diff_prints_methods_and_bytes(versions, tmp_path, capsys) ->
     assert (tmp_path / "upd" / UPDATE_FILENAME).is_file()
     assert main(["bundle", "inspect", str(v2)]) == 0
     assert "manifest.json sha256" in capsys.readouterr().out
-
-
-@pytest.mark.export
-def test_finetune_helper_runs_the_graph_like_onnxruntime(versions, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    import onnx
-    import onnxruntime as ort
-    import torch
-
-    from compiler.finetune import _onnx_module, finetune_onnx
-
-    v1, _ = versions
-    x = np.random.default_rng(1).standard_normal((4, 1, 28, 28)).astype(np.float32)
-    for name in ("dense.onnx", "static-50.onnx"):
-        module = _onnx_module(onnx.load(str(v1 / name)))
-        session = ort.InferenceSession(str(v1 / name), providers=["CPUExecutionProvider"])
-        for i in range(len(x)):
-            want = session.run(None, {session.get_inputs()[0].name: x[i : i + 1]})[0]
-            got = module(torch.from_numpy(x[i : i + 1])).detach().numpy()
-            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
-    # a short fine-tune keeps the layout (same size) and lands on the grid: the grid codec pays
-    xs, ys = torch.from_numpy(np.repeat(x, 8, axis=0)), torch.arange(32) % 10
-    finetune_onnx(v1 / "dense.onnx", tmp_path / "ft.onnx", (xs, ys), steps=5, lr=1e-2, bits=4)
-    old, new = (v1 / "dense.onnx").read_bytes(), (tmp_path / "ft.onnx").read_bytes()
-    assert len(old) == len(new) and old != new
-    grid = encode("grid", new, old)
-    assert grid is not None and len(grid) < 0.25 * len(new)
-    assert decode("grid", grid, old, size=len(new)) == new
