@@ -291,9 +291,8 @@ def parse_message(
         message = _MESSAGE.validate_json(data)
     except ValidationError as exc:
         raise contract_error("message", exc) from exc
-    if (b"\\u0000" if isinstance(data, bytes | bytearray) else "\\u0000") in data and _has_nul(
-        json.loads(data)
-    ):
+    escaped = "\\u0000" in data if isinstance(data, str) else b"\\u0000" in data  # JSON escapes U+0000
+    if escaped and _has_nul(json.loads(data)):
         raise ContractError(
             "message holds a NUL character (U+0000) in a string",
             hint="no text on the wire may contain U+0000: the fleet's databases cannot store it",
