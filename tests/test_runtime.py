@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 
 from agent.contract import InputSpec
@@ -68,6 +69,19 @@ def test_onnx_backend_loads_every_variant(compiled: CompileResult, images: np.nd
         assert isinstance(model, LoadedModel)
         logits = model.run(x)
         assert logits.shape == (1, 10) and logits.dtype == np.float32
+
+
+def test_onnx_sessions_run_with_the_backends_options(compiled: CompileResult) -> None:
+    # read back from the session onnxruntime created, not from the options object the backend built
+    model = OnnxBackend(threads=2).load(model_path(compiled, "dense", "onnx"))
+    session = model._run.__self__  # type: ignore[attr-defined]
+    opts = session.get_session_options()
+    assert opts.enable_cpu_mem_arena is False  # no per-session arena: less resident memory per variant
+    assert opts.enable_mem_pattern is True
+    assert (opts.intra_op_num_threads, opts.inter_op_num_threads) == (2, 1)
+    assert opts.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    with pytest.raises(RuntimeError, match="disable_prepacking"):  # never set: weight prepacking stays on
+        opts.get_session_config_entry("session.disable_prepacking")
 
 
 @pytest.mark.export
