@@ -666,9 +666,14 @@ class Agent:
     def _event(
         self, name: EventName, message: str, *, severity: str = "info", data: dict[str, Scalar] | None = None
     ) -> None:
-        self._send(
-            "events", Event(**self._env(), event=name, severity=severity, message=message, data=data or {})
-        )
+        # the wire refuses U+0000 in text (agent.contract.parse_message); an error text may quote a
+        # malformed command that held one
+        message = message.replace("\x00", "\\x00")
+        data = {
+            k.replace("\x00", "\\x00"): v.replace("\x00", "\\x00") if isinstance(v, str) else v
+            for k, v in (data or {}).items()
+        }
+        self._send("events", Event(**self._env(), event=name, severity=severity, message=message, data=data))
 
     def _safe_event(self, name: EventName, message: str, *, severity: str) -> None:
         try:

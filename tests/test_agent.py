@@ -219,8 +219,11 @@ def test_desired_state_pins_a_variant_and_survives_a_restart(bundle, signing_key
         .to_json()
         .encode(),
         DesiredState(**envelope(device_id="someone-else", seq=0), revision=1).to_json().encode(),
+        DesiredState(**envelope(device_id="pi-01", seq=0), revision=1, policy_overrides={"low\x00": 1})
+        .to_json()
+        .encode(),
     ],
-    ids=["not-json", "incomplete", "unknown-variant", "unknown-override", "other-device"],
+    ids=["not-json", "incomplete", "unknown-variant", "unknown-override", "other-device", "nul-in-text"],
 )
 def test_bad_desired_state_is_rejected_with_an_event(
     bundle,
