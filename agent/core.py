@@ -170,7 +170,8 @@ class Agent:
         self.decision: Decision | None = None
         self.readings = Readings()
         self._client = self._make_client()
-        self._health_lock = threading.Lock()
+        # the health list shares the metrics window's lock: one acquisition per inference (see infer)
+        self._health_lock = self._lock
         self._health: list[tuple[bool, float]] = []  # (failed, latency_ms) per inference, for the updater
         self._health_base = 0
         self._update_thread: threading.Thread | None = None
@@ -364,11 +365,14 @@ class Agent:
 
     def _note_health(self, *, failed: bool, latency_ms: float) -> None:
         with self._health_lock:
-            self._health.append((failed, latency_ms))
-            if len(self._health) > 10_000:
-                drop = len(self._health) - 5_000
-                del self._health[:drop]
-                self._health_base += drop
+            self._note_health_locked(failed, latency_ms)
+
+    def _note_health_locked(self, failed: bool, latency_ms: float) -> None:
+        self._health.append((failed, latency_ms))
+        if len(self._health) > 10_000:
+            drop = len(self._health) - 5_000
+            del self._health[:drop]
+            self._health_base += drop
 
     def health_mark(self) -> int:
         with self._health_lock:
@@ -421,7 +425,6 @@ class Agent:
                 self._window.errors += 1
             self._note_health(failed=True, latency_ms=0.0)
             raise
-        self._note_health(failed=False, latency_ms=result.latency_ms)
         shadow = None
         if (
             self.config.shadow_rate
@@ -430,6 +433,7 @@ class Agent:
         ):
             shadow = server.infer(x, variant=self._dense)
         with self._lock:
+            self._note_health_locked(False, result.latency_ms)
             self._window.latencies.append(result.latency_ms)
             self._window.macs += result.macs
             self._window.density += result.density

@@ -456,13 +456,17 @@ class Inference:
     """
 
     logits: np.ndarray
-    label: int
     variant: str
     latency_ms: float
     macs: int
     density: float = 1.0
     budget: float | None = None
     widths: tuple[int, ...] | None = None
+
+    @property
+    def label(self) -> int:
+        """The index of the largest logit (computed when asked: most inferences are never asked)."""
+        return int(self.logits.argmax())
 
 
 @dataclass(frozen=True, slots=True)
@@ -614,7 +618,6 @@ class ModelServer:
             latency_ms = _ms_since(start)
             return Inference(
                 logits=logits,
-                label=int(logits.argmax()),
                 variant=slot.name,
                 latency_ms=latency_ms,
                 macs=slot.macs,
@@ -628,7 +631,6 @@ class ModelServer:
         macs, density = slot.gating.realised(widths)
         return Inference(
             logits=logits,
-            label=int(logits.argmax()),
             variant=slot.name,
             latency_ms=latency_ms,
             macs=macs,
