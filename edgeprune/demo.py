@@ -79,7 +79,7 @@ def _ensure_bundle(
         except (BundleError, UserError) as exc:
             print(f"    {bundle} is unusable ({exc}); compiling it again")
     print(
-        "    the first run trains the dense model (about 25-40 minutes on 2 cores); later runs reuse the\n"
+        "    the first run trains the dense model (about 15-30 minutes on 2 cores); later runs reuse the\n"
         "    cached checkpoint, and a complete bundle is reused as is"
     )
     train = TrainConfig() if epochs is None else TrainConfig(epochs=epochs)
