@@ -124,6 +124,27 @@ def _counter(*, broker_url: str, group: str, total: int, ready: Any, done: Any) 
     client.loop_stop()
 
 
+def _publishers(
+    ctx: Any, broker: MosquittoBroker, args: argparse.Namespace, *, share: int, go: Any, done: Any
+) -> list[Any]:
+    """``args.publishers`` load-generator processes (not started), each publishing ``share`` messages."""
+    return [
+        ctx.Process(
+            target=_publisher,
+            kwargs=dict(
+                broker_url=broker.url,
+                start=k * share,
+                n=share,
+                devices=args.devices,
+                go=go,
+                done=done,
+                paho=args.paho_publishers,
+            ),
+        )
+        for k in range(args.publishers)
+    ]
+
+
 def broker_rate(broker: MosquittoBroker, args: argparse.Namespace) -> float:
     """Messages/s from the publishers to one subscriber that parses and stores nothing."""
     ctx = mp.get_context("spawn")
@@ -143,21 +164,7 @@ def broker_rate(broker: MosquittoBroker, args: argparse.Namespace) -> float:
     )
     counter.start()
     ready.get(timeout=60)
-    pubs = [
-        ctx.Process(
-            target=_publisher,
-            kwargs=dict(
-                broker_url=broker.url,
-                start=k * share,
-                n=share,
-                devices=args.devices,
-                go=go,
-                done=done,
-                paho=args.paho_publishers,
-            ),
-        )
-        for k in range(args.publishers)
-    ]
+    pubs = _publishers(ctx, broker, args, share=share, go=go, done=done)
     for p in pubs:
         p.start()
     time.sleep(2.0)
@@ -196,21 +203,7 @@ def live_rate(db: str, broker: MosquittoBroker, args: argparse.Namespace) -> dic
     for _ in ingestors:
         ready.get(timeout=60)
     share = args.messages // args.publishers
-    pubs = [
-        ctx.Process(
-            target=_publisher,
-            kwargs=dict(
-                broker_url=broker.url,
-                start=k * share,
-                n=share,
-                devices=args.devices,
-                go=go,
-                done=done,
-                paho=args.paho_publishers,
-            ),
-        )
-        for k in range(args.publishers)
-    ]
+    pubs = _publishers(ctx, broker, args, share=share, go=go, done=done)
     for p in pubs:
         p.start()
     time.sleep(2.0)  # let publishers connect and serialise their payloads
