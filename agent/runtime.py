@@ -24,6 +24,7 @@ import ctypes
 import ctypes.util
 import functools
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -146,7 +147,7 @@ class _GatedSegments:
     runs must not overlap.
     """
 
-    __slots__ = ("_blocks", "_inputs", "_lock", "_logits", "_stem")
+    __slots__ = ("_blocks", "_full", "_full_from", "_full_picks", "_inputs", "_lock", "_logits", "_stem")
 
     def __init__(
         self,
@@ -161,6 +162,8 @@ class _GatedSegments:
         wanted = ["stem"] + [
             f"block{i}_w{j}" for i, b in enumerate(gating.blocks) for j in range(len(b.widths))
         ]
+        if gating.full_from is not None:
+            wanted.append("full")
         missing = [w for w in wanted if w not in segments]
         if missing:
             raise BackendError(f"the gated segments {missing[:4]} are missing from {where}")
@@ -171,9 +174,17 @@ class _GatedSegments:
         self._inputs = inputs
         self._logits = logits
         self._lock = nullcontext() if lock is None else lock
+        # from full_from up: the `full` segment alone, every block at its largest width
+        self._full_from = math.inf if gating.full_from is None else gating.full_from
+        self._full = segments.get("full")
+        self._full_picks = tuple(len(b.widths) - 1 for b in gating.blocks)
 
     def run(self, x: np.ndarray, budget: float) -> tuple[np.ndarray, tuple[int, ...]]:
         h, b = self._inputs(x, budget)
+        if budget >= self._full_from:
+            with self._lock:
+                logits = self._logits(cast(_Segment, self._full)([h])[0])
+            return logits, self._full_picks
         picks = []
         with self._lock:
             out = self._stem([h, b])
@@ -186,9 +197,14 @@ class _GatedSegments:
 
 
 def _onnx_segment(session: Any) -> _Segment:
-    """A two-input ONNX graph as a :data:`_Segment` of numpy arrays."""
-    first, second = (i.name for i in session.get_inputs())
+    """An ONNX graph of two inputs (features, budget) or one (the ``full`` segment's image) as a
+    :data:`_Segment` of numpy arrays."""
+    names = [i.name for i in session.get_inputs()]
     run = session.run
+    if len(names) == 1:
+        only = names[0]
+        return lambda values: run(None, {only: values[0]})
+    first, second = names
     return lambda values: run(None, {first: values[0], second: values[1]})
 
 

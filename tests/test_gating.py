@@ -241,6 +241,34 @@ def test_agent_serves_the_gated_variant_at_any_budget(
         assert clamped.budget == manifest.variant("gated").budget.maximum  # type: ignore[union-attr]
         default = server.infer(image)
         assert default.budget == manifest.variant("gated").budget.default  # type: ignore[union-attr]
+        # the top of the range is the `full` segment: every block at its largest width, one call
+        assert gating.full_from is not None
+        assert gating.full_from <= manifest.variant("gated").budget.maximum  # type: ignore[union-attr]
+        at = server.infer(image, budget=gating.full_from)
+        for r in (high, at):
+            assert r.widths == tuple(len(b.widths) - 1 for b in gating.blocks)
+            assert r.macs == gating.realised(r.widths)[0] and r.density == 1.0
+
+
+def test_full_segment_is_the_full_width_net_and_takes_over_at_full_from() -> None:
+    """Below ``full_from`` the gates pick; from it up the ``full`` path runs every block at full width,
+    and it computes what the gated path computes when every gate picks full width."""
+    slim = SlimNet(_net(), torch.zeros(1, 1, 28, 28)).eval()
+    torch.manual_seed(2)
+    for gate in slim.gates:
+        nn.init.normal_(gate.weight, std=1.0)
+    deploy = GatedDeploy(slim, full_from=0.9).eval()
+    top = [len(b.widths) - 1 for b in slim.blocks]
+    below = []
+    for x in torch.randn(8, 1, 28, 28).split(1):
+        full, picks = deploy(x, torch.tensor(0.95))
+        assert picks.tolist() == top
+        assert torch.allclose(full, slim(x), atol=1e-4)  # SlimNet's plain forward: every block at full width
+        logits, _, gate_picks = slim.gated(x, -1.0)  # a low budget pulls every gate to narrow widths
+        got, low = deploy(x, torch.tensor(-1.0))
+        assert low.tolist() == gate_picks[0].tolist() and torch.allclose(got, logits, atol=1e-4)
+        below.append(low.tolist())
+    assert any(b != top for b in below)  # below the threshold the gates still choose
 
 
 @pytest.mark.export

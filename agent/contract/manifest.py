@@ -202,6 +202,7 @@ class Gating(ContractModel):
     A gated variant ships segments: ``stem`` (input, budget) -> (features, index for block 0), then
     ``block{i}_w{j}`` (features, budget) -> (features, index for block i+1), the last block's segments
     returning (logits,); a dispatcher runs ``stem`` and then, per block, the segment the index names.
+    With ``full_from`` set there is one more segment, ``full``, run alone at budgets from that value up.
     ExecuTorch holds them as the methods of one ``.pte``; ONNX as one graph each (files with ``segment``
     set), which onnxruntime runs as fast as one graph with ``If`` nodes. ``widths_output`` names the
     width-index output of that single-graph form, which only ``bench/gated_speed.py`` builds; the agent
@@ -213,6 +214,13 @@ class Gating(ContractModel):
     widths_output: Identifier = described(
         "Single-graph ONNX form only (not shipped): its output with the width index per block.",
         default="widths",
+    )
+    full_from: float | None = described(
+        "Budgets at or above this run the `full` segment instead: (input) -> (logits,), every block at its "
+        "largest width in one call, no gates, so the top of the budget range costs what a plain network "
+        "costs. Null: the variant has no such segment.",
+        default=None,
+        ge=0.0,
     )
 
     def realised(self, indices: Sequence[int]) -> tuple[int, float]:

@@ -41,6 +41,10 @@ log = logging.getLogger(__name__)
 BUDGETS = (0.25, 0.4, 0.55, 0.7, 0.85, 1.0)
 """Budgets the bundle's curve reports (the budget is the target share of the gated blocks' compute)."""
 
+FULL_DENSITY = 0.995
+"""A curve budget whose gates compute at least this share of the gated channels on the test split runs the
+``full`` segment instead (with every budget above it): the gates' dispatch would buy nothing there."""
+
 
 @dataclass
 class GatedBuild:
@@ -88,6 +92,13 @@ def build_gated(
         print(f"    trained in {time.monotonic() - started:.0f}s; cached the gated checkpoint at {path}")
     net.eval()
     curve = evaluate_gated(net, splits.test, sorted(set(budgets)))
+    # Where the gates already compute (nearly) every channel, skip them: from the first such budget up
+    # (at least the top of the range) the `full` segment runs every block at full width in one call
+    full_from = min([r.budget for r in curve if r.density >= FULL_DENSITY] + [max(budgets)])
+    curve = [
+        evaluate_gated(net, splits.test, [r.budget], full_from=full_from)[0] if r.budget >= full_from else r
+        for r in curve
+    ]
     default = _pick_default(curve, default_tolerance)
     for r in curve:
         mark = "  <- default" if r.budget == default else ""
@@ -97,7 +108,14 @@ def build_gated(
         )
     budget = BudgetInput(minimum=min(budgets), maximum=max(budgets), default=default)
     params = sum(p.numel() for p in net.parameters())
-    return GatedBuild(net, GatedDeploy(net).eval(), gating_spec(net), budget, curve, params)
+    return GatedBuild(
+        net,
+        GatedDeploy(net, full_from=full_from).eval(),
+        gating_spec(net, full_from=full_from),
+        budget,
+        curve,
+        params,
+    )
 
 
 def export_and_verify(

@@ -96,8 +96,9 @@ class GatedDeploy(nn.Module):
     """Every segment in one eager module, ``(input, budget) -> (logits, width index per block)`` at batch 1:
     what the exported segments are verified against."""
 
-    def __init__(self, net: SlimNet) -> None:
+    def __init__(self, net: SlimNet, *, full_from: float | None = None) -> None:
         super().__init__()
+        self.full_from = full_from  # budgets from here up run every block at full width, no gates
         net = net.eval()
         self.stem, self.head = net.stem, net.head
         self.gates = nn.ModuleList(
@@ -110,6 +111,8 @@ class GatedDeploy(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, budget: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.full_from is not None and float(budget) >= self.full_from:
+            return self.full(x), torch.tensor([len(b) - 1 for b in self.branches])
         h = self.stem(x)
         picks = []
         for gate, shortcut, branches in zip(self.gates, self.shortcuts, self.branches, strict=True):
@@ -117,6 +120,13 @@ class GatedDeploy(nn.Module):
             picks.append(idx)
             h = self.run_block(cast(nn.ModuleList, branches), idx[0], h, shortcut(h))
         return self.head(h), torch.cat(picks)
+
+    def full(self, x: torch.Tensor) -> torch.Tensor:
+        """Every block at its largest width, no gates: the ``full`` segment."""
+        h = self.stem(x)
+        for shortcut, branches in zip(self.shortcuts, self.branches, strict=True):
+            h = cast(nn.ModuleList, branches)[-1](h, shortcut(h))
+        return cast(torch.Tensor, self.head(h))
 
     def run_block(
         self, branches: nn.ModuleList, idx: torch.Tensor, h: torch.Tensor, shortcut: torch.Tensor
@@ -135,6 +145,15 @@ class _StemSegment(nn.Module):
         return h, self.gate(h, budget)
 
 
+class _FullSegment(nn.Module):
+    def __init__(self, deploy: GatedDeploy) -> None:
+        super().__init__()
+        self.deploy = deploy
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.deploy.full(x)
+
+
 class _BlockSegment(nn.Module):
     def __init__(self, deploy: GatedDeploy, i: int, j: int) -> None:
         super().__init__()
@@ -150,7 +169,7 @@ class _BlockSegment(nn.Module):
         return h, self.next(h, budget)
 
 
-def gating_spec(net: SlimNet) -> Gating:
+def gating_spec(net: SlimNet, *, full_from: float | None = None) -> Gating:
     """The manifest's description of ``net``'s gated blocks."""
     return Gating(
         blocks=tuple(
@@ -158,6 +177,7 @@ def gating_spec(net: SlimNet) -> Gating:
             for name, b, m in zip(net.names, net.blocks, net.block_macs, strict=True)
         ),
         fixed_macs=net.fixed_macs,
+        full_from=full_from,
     )
 
 
@@ -195,6 +215,8 @@ def _segments(
             for j in range(len(cast(nn.ModuleList, branches))):
                 out.append((f"block{i}_w{j}", _BlockSegment(deploy, i, j).eval(), (h, b)))
             h = cast(nn.ModuleList, branches)[-1](h, deploy.shortcuts[i](h))
+    if deploy.full_from is not None:
+        out.append(("full", _FullSegment(deploy).eval(), (x,)))
     return out
 
 
@@ -211,7 +233,7 @@ def export_gated_onnx_segments(
                     module,
                     args,
                     dynamo=True,
-                    input_names=["features", "budget"],
+                    input_names=["features", "budget"] if len(args) == 2 else ["input"],
                     optimize=True,
                     verbose=False,
                 )

@@ -169,9 +169,15 @@ class BudgetResult:
 
 @torch.no_grad()
 def evaluate_gated(
-    net: SlimNet, data: TensorData, budgets: Sequence[float], *, batch_size: int = 500
+    net: SlimNet,
+    data: TensorData,
+    budgets: Sequence[float],
+    *,
+    batch_size: int = 500,
+    full_from: float | None = None,
 ) -> list[BudgetResult]:
-    """Accuracy, mean MACs and mean density (share of gated channels computed) at each budget."""
+    """Accuracy, mean MACs and mean density (share of gated channels computed) at each budget; budgets
+    from ``full_from`` up run every block at full width (the deployed ``full`` segment)."""
     net.eval()
     results = []
     full_width = sum(b.widths[-1] for b in net.blocks)
@@ -179,7 +185,11 @@ def evaluate_gated(
         correct, macs, channels = 0, 0.0, 0.0
         for i in range(0, len(data), batch_size):
             x, y = data.x[i : i + batch_size], data.y[i : i + batch_size]
-            logits, _, picks = net.gated(x, budget)
+            if full_from is not None and budget >= full_from:
+                logits = net(x)
+                picks = torch.tensor([len(b.widths) - 1 for b in net.blocks]).expand(x.shape[0], -1)
+            else:
+                logits, _, picks = net.gated(x, budget)
             correct += int((logits.argmax(1) == y).sum())
             for b, block in enumerate(net.blocks):
                 idx = picks[:, b]
