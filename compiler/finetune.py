@@ -19,6 +19,7 @@ exporters, :func:`resign_bundle` re-hashes the bundle's files and signs it as a 
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,10 +31,12 @@ from agent.contract import MANIFEST_FILENAME, BundleManifest
 from agent.signing import load_private_key, sign_manifest
 
 __all__ = [
+    "FinetunedVariant",
     "RebuiltVariant",
     "SnapStats",
     "batchnorm_pairs",
     "export_deployed",
+    "finetune_bundle",
     "finetune_deployed",
     "perturb_onnx",
     "rebuild_model",
@@ -447,3 +450,102 @@ def snap_weights(
         out[name] = snapped
     stats = SnapStats(len(out), sum(v.size for v in out.values()), err / mag if mag else 0.0)
     return out, stats
+
+
+@dataclass(frozen=True)
+class FinetunedVariant:
+    """One variant of :func:`finetune_bundle`: test accuracy (its .onnx) before and after, the snap error."""
+
+    name: str
+    accuracy_before: float
+    accuracy_after: float
+    relative_error: float
+
+
+def finetune_bundle(
+    old: Path,
+    out: Path,
+    *,
+    data: str,
+    key: Path,
+    bundle_version: str,
+    steps: int = 200,
+    lr: float = 1e-3,
+    bits: int | None = 6,
+    test_samples: int = 2000,
+    progress: Any = print,
+) -> list[FinetunedVariant]:
+    """Fine-tune every whole-model variant of bundle ``old`` on ``data`` and write the result, re-signed as
+    ``bundle_version``, to ``out``: the update from ``old`` to ``out`` is then small to ship.
+
+    Per variant: rebuilt in deployed form from its own files (:func:`rebuild_variant`, which refuses
+    unless both files re-export byte-identical), fine-tuned (:func:`finetune_deployed`), snapped against
+    each runtime's old weights to a ``bits``-bit grid (``None``: not snapped), exported to .onnx and .pte
+    with the compiler's exporters and verified. Gated variants are copied unchanged. The bundle is built
+    in a temporary directory beside ``out`` and renamed into place at the end: a failure leaves nothing.
+    """
+    import tempfile
+
+    import torch
+
+    from compiler.data import load_splits
+    from compiler.errors import CompileError
+
+    manifest = BundleManifest.from_json((old / MANIFEST_FILENAME).read_bytes())
+    if out.exists():
+        raise CompileError(f"{out} already exists", hint="choose another --out")
+    splits = load_splits(data)
+    if splits.input_shape[1:] != tuple(manifest.input.shape[1:]):
+        raise CompileError(
+            f"--data {data!r} has inputs of shape {splits.input_shape[1:]}, the bundle "
+            f"{tuple(manifest.input.shape[1:])}"
+        )
+    # the data set's own normalisation -> the bundle's (what the device applies before the model)
+    norm = manifest.input.normalization
+    shape = (1, -1, 1, 1)
+    mean_d, std_d = torch.tensor(splits.mean).view(shape), torch.tensor(splits.std).view(shape)
+    mean_m, std_m = torch.tensor(norm.mean).view(shape), torch.tensor(norm.std).view(shape)
+
+    def renorm(x: Any) -> Any:
+        return (((x * std_d + mean_d) - mean_m) / std_m).float()
+
+    train_x = renorm(splits.train.x)
+    test = splits.test.subset(test_samples, seed=3)
+    test_x = renorm(test.x)
+    checks = torch.cat([torch.randn(8, *manifest.input.shape[1:]), test_x[:8]])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    results = []
+    try:
+        work = tmp / "bundle"
+        shutil.copytree(old, work)
+        for v in manifest.variants:
+            if v.kind == "gated":  # its segments are not whole models: shipped unchanged
+                progress(f"    {v.name}: gated, left unchanged")
+                continue
+            rebuilt = rebuild_variant(old, v.name, checks=checks, scratch=tmp / "scratch")
+            before = _accuracy(rebuilt.module(rebuilt.weights["onnx"]), test_x, test.y)
+            tuned = finetune_deployed(rebuilt, (train_x, splits.train.y), steps=steps, lr=lr)
+            errors, snapped = [], {}
+            for runtime, rel in rebuilt.files.items():
+                snapped[runtime], stats = snap_weights(rebuilt.weights[runtime], tuned, bits=bits)
+                export_deployed(rebuilt, snapped[runtime], runtime, work / rel, checks)
+                errors.append(stats.relative_error)
+            after = _accuracy(rebuilt.module(snapped["onnx"]), test_x, test.y)
+            results.append(FinetunedVariant(v.name, before, after, max(errors)))
+            progress(
+                f"    {v.name}: test accuracy {before:.2%} -> {after:.2%}"
+                + (f" (snapped to {bits} bits, {max(errors):.1%} of the change rounded)" if bits else "")
+            )
+        resign_bundle(work, key, bundle_version=bundle_version)
+        work.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return results
+
+
+def _accuracy(model: Any, x: Any, y: Any) -> float:
+    import torch
+
+    with torch.no_grad():
+        return float((model.eval()(x).argmax(1) == y).float().mean())

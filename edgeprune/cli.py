@@ -154,6 +154,26 @@ def _cmd_bundle_pack(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bundle_finetune(args: argparse.Namespace) -> int:
+    from compiler.finetune import finetune_bundle
+
+    if not 0 <= args.bits <= 8:
+        raise SystemExit("edgeprune bundle finetune: --bits must be 0 (not snapped) or 1-8")
+    print(f"==> fine-tuning the variants of {args.old} on {args.data} ({args.steps} steps each)", flush=True)
+    finetune_bundle(
+        args.old,
+        args.out,
+        data=args.data,
+        key=args.key,
+        bundle_version=args.bundle_version,
+        steps=args.steps,
+        lr=args.lr,
+        bits=args.bits or None,
+    )
+    print(f"==> wrote {args.out}; the update: edgeprune bundle diff {args.old} {args.out} --out UPDATE")
+    return 0
+
+
 def _cmd_bundle_unpack(args: argparse.Namespace) -> int:
     from agent.bundle import unpack_bundle
     from agent.signing import load_public_key
@@ -186,6 +206,30 @@ def _add_bundle_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         "--variants", default="", help="comma-separated variants of NEW to include (default all)"
     )
     diff.set_defaults(func=_cmd_bundle_diff)
+    finetune = bundle_sub.add_parser(
+        "finetune",
+        help="fine-tune a bundle's variants into a new version that ships as a small update",
+        description="Fine-tune every whole-model variant of bundle OLD on --data and write the new version "
+        "to --out, signed: each variant is rebuilt from its own files, fine-tuned with Adam, snapped to a "
+        "--bits grid around its old weights (so `edgeprune bundle diff OLD NEW` ships it as a few bits per "
+        "weight; --bits 0: not snapped) and exported to .onnx and .pte again, verified as a compile does. "
+        "Gated variants are copied unchanged. Check the accuracy it prints before rolling it out.",
+    )
+    finetune.add_argument("old", type=Path)
+    finetune.add_argument("--data", required=True, help="data set, as for `edgeprune compile --data`")
+    finetune.add_argument("--out", type=Path, required=True, help="new bundle directory (must not exist)")
+    finetune.add_argument("--bundle-version", required=True, help="version of the new bundle")
+    finetune.add_argument("--steps", type=int, default=200, help="Adam steps per variant (default 200)")
+    finetune.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
+    finetune.add_argument(
+        "--bits", type=int, default=6, help="grid bits for the weight changes (default 6; 0: not snapped)"
+    )
+    from compiler.cli import DEFAULT_KEY  # argparse only, as build_parser's own import below
+
+    finetune.add_argument(
+        "--key", type=Path, default=DEFAULT_KEY, help=f"Ed25519 private key (default {DEFAULT_KEY})"
+    )
+    finetune.set_defaults(func=_cmd_bundle_finetune)
     pack = bundle_sub.add_parser("pack", help="write a bundle directory as one .tar file")
     pack.add_argument("bundle", type=Path)
     pack.add_argument("--out", type=Path, required=True)

@@ -110,3 +110,36 @@ def test_snapped_torch_finetune_ships_as_grid_deltas_for_onnx_and_pte(
     written = apply_update(tmp_path / "upd", old_bundle, tmp_path / "rebuilt", target=target)
     want = {f.path: f.sha256 for v in target.variants for f in v.files}
     assert {p.name: _sha(p) for p in written} == want
+
+
+@pytest.mark.export
+def test_bundle_finetune_command_writes_a_signed_version_that_ships_small(
+    old_bundle: Path, signing_keys: KeyPair, npz_data: Path, tmp_path: Path
+) -> None:
+    """`edgeprune bundle finetune`: a new signed version whose update is grid deltas; bad input leaves
+    nothing behind."""
+    import os
+    import subprocess
+    import sys
+
+    exe = Path(sys.executable).parent / "edgeprune"
+    new = tmp_path / "out" / "v2"
+    args = [str(exe), "bundle", "finetune", str(old_bundle), "--data", str(npz_data), "--out", str(new)]
+    args += ["--bundle-version", "1.1.0", "--steps", "5", "--bits", "4", "--key", str(signing_keys.private)]
+    # the bundle's source model is tests.tiny_models:residual: importable from the repository root
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300, check=False, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "dense: test accuracy" in done.stdout and "bundle diff" in done.stdout
+    target = open_bundle(new, public_key=load_public_key(signing_keys.public))
+    assert target.bundle_version == "1.1.0"
+    update = make_update(old_bundle, new, tmp_path / "upd")
+    for f in update.files:
+        size = (new / f.path).stat().st_size
+        assert f.method == "grid" and f.artifact_size < 0.25 * size, f
+    written = apply_update(tmp_path / "upd", old_bundle, tmp_path / "rebuilt", target=target)
+    assert {p.name: _sha(p) for p in written} == {f.path: f.sha256 for v in target.variants for f in v.files}
+    # an existing --out and a data set of another shape are refused before anything is written
+    again = subprocess.run(args, capture_output=True, text=True, timeout=300, check=False, env=env)
+    assert again.returncode != 0 and "already exists" in again.stderr
+    assert sorted(p.name for p in new.parent.iterdir()) == ["v2"]
