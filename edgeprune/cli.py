@@ -27,7 +27,9 @@ examples:
   edgeprune bundle inspect bundle/ --public-key ~/.config/edgeprune/keys/edgeprune.pub
   edgeprune keys new                             create the Ed25519 signing key pair
   edgeprune compile --model reference --data fashion-mnist --out bundle/
-  edgeprune agent run --bundle bundle/ --broker mqtt://127.0.0.1:1883 --device-id pi-01 --state-dir st/ (#5)
+  edgeprune bundle finetune bundle/ --data fashion-mnist --out bundle-1.0.1/ --bundle-version 1.0.1
+  edgeprune bundle diff bundle/ bundle-1.0.1/ --out update/   the over-the-air update between them
+  edgeprune agent run --bundle bundle/ --broker mqtt://127.0.0.1:1883 --device-id pi-01 --state-dir st/
 
 docs: README.md, docs/architecture.md, docs/protocol.md
 """
