@@ -290,3 +290,37 @@ def test_connections_bench_fails_when_the_broker_refuses_connections(tmp_path: P
     assert r["connected"] < 50 and r["failed"] == 50 - r["connected"]
     assert r["registry_online_peak"] == r["connected"]
     assert any("devices connected" in p for p in r["problems"])
+
+
+# --- fleet_ingest --------------------------------------------------------------------------------------
+
+
+@pytest.mark.broker
+def test_ingest_bench_stores_every_message_and_accounts_cpu(
+    tmp_path: Path,
+    mosquitto: None,
+    pg_url: str,  # noqa: F811
+) -> None:
+    """A small run of bench/fleet_ingest.py, both databases: everything published is stored, and the CPU
+    of the manager, the broker, the database server (PostgreSQL) and the load generators is counted."""
+    out = tmp_path / "ingest.json"
+    args = ["--messages", "3000", "--devices", "50", "--timeout", "60", "--json", str(out)]
+    args += ["--pg", pg_url]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "fleet_ingest.py"), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"sqlite", "postgresql"}
+    for name, r in results.items():
+        assert r["stored"] == r["messages"] == 3000, name
+        cpu = r["cpu_us_per_msg"]
+        # /proc counts CPU in 10 ms ticks: the broker's few milliseconds here may read as 0
+        assert cpu["manager"] > 0 and cpu["broker"] >= 0 and cpu["publishers"] > 0, (name, cpu)
+        assert (cpu["database"] > 0) == (name == "postgresql"), (name, cpu)
+    assert "cores for 20k/s" in proc.stdout
