@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,40 +183,50 @@ class Store:
             return postgresql.insert(table)
         return sqlite.insert(table)
 
-    def executemany(self, conn: Connection, key: str, stmt: Any, rows: list[dict[str, Any]]) -> None:
-        """Run ``stmt`` once per row of ``rows`` (all with the same keys) as one DBAPI ``executemany``.
+    def executemany(
+        self, conn: Connection, key: str, build: Callable[[], Any], rows: list[dict[str, Any]]
+    ) -> None:
+        """Run the statement ``build()`` makes once per row of ``rows`` (all with the same keys) as one
+        DBAPI ``executemany``.
 
         ``conn.execute(stmt, rows)`` costs SQLAlchemy tens of microseconds per row building and
         processing parameters, more than the database spends storing it (docs/fleet.md). Here the
-        statement is compiled once per ``key`` and dialect, each row's values go through the columns'
-        own bind processors (JSON, booleans) and straight to the driver. Statements without RETURNING
-        only: nothing is read back.
+        statement is built and compiled once per ``key`` and row layout, each row's values go through
+        the columns' own bind processors (JSON, booleans) and straight to the driver. Statements without
+        RETURNING only: nothing is read back.
         """
         if not rows:
             return
         names = list(rows[0])
         cached = self._compiled.get(key)
         if cached is None or cached[0] != names:
-            compiled = stmt.compile(dialect=self.engine.dialect, column_keys=names)
+            dialect = self.engine.dialect
+            compiled = build().compile(dialect=dialect, column_keys=names)
             if compiled.returning:
                 raise StoreError(f"executemany({key!r}) got a statement with RETURNING")
-            order = list(compiled.positiontup) if compiled.positional else list(compiled.binds)
-            # literal binds inside the statement (e.g. the 0.0 of a coalesce)
-            defaults = {n: b.effective_value for n, b in compiled.binds.items() if n not in names}
-            dialect = self.engine.dialect
-            procs = {
-                n: b.type.dialect_impl(dialect).bind_processor(dialect) for n, b in compiled.binds.items()
-            }
-            cached = (names, str(compiled), order, defaults, procs)
+            # per parameter, in the driver's order: (name, True, bind processor) for a row value, or
+            # (name, False, value) for a literal inside the statement (e.g. the 0.0 of a coalesce),
+            # processed once here
+            plan: list[tuple[str, bool, Any]] = []
+            for n in list(compiled.positiontup) if compiled.positional else list(compiled.binds):
+                bind = compiled.binds[n]
+                proc = bind.type.dialect_impl(dialect).bind_processor(dialect)
+                if n in names:
+                    plan.append((n, True, proc))
+                else:
+                    plan.append((n, False, proc(bind.effective_value) if proc else bind.effective_value))
+            cached = (names, str(compiled), plan)
             self._compiled[key] = cached
-        _, sql, order, defaults, procs = cached
-        plan = [(n, procs.get(n)) for n in order]
+        _, sql, plan = cached
+
+        def values(r: dict[str, Any]) -> Iterator[tuple[str, Any]]:
+            for n, from_row, p in plan:
+                yield n, ((p(r[n]) if p else r[n]) if from_row else p)
+
         if self.engine.dialect.positional:
-            params: list[Any] = [
-                tuple((p(r[n]) if p else r[n]) if n in r else defaults[n] for n, p in plan) for r in rows
-            ]
+            params: list[Any] = [tuple(v for _, v in values(r)) for r in rows]
         else:
-            params = [{n: (p(r[n]) if p else r[n]) if n in r else defaults[n] for n, p in plan} for r in rows]
+            params = [dict(values(r)) for r in rows]
         conn.exec_driver_sql(sql, params)
 
     # --- ingestion -----------------------------------------------------------------------------------
@@ -328,7 +338,7 @@ class Store:
         if devices:
             self._upsert_devices(conn, [devices[k] for k in sorted(devices)])
         if metric_rows:
-            self.executemany(conn, "metrics", s.metrics.insert().inline(), metric_rows)
+            self.executemany(conn, "metrics", lambda: s.metrics.insert().inline(), metric_rows)
         if event_rows:
             conn.execute(s.events.insert(), event_rows)
         if status_rows:
@@ -337,6 +347,13 @@ class Store:
                 self._member_progress(conn, row, now)
 
     def _upsert_devices(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            row.setdefault("tags", {})
+            row.setdefault("desired_revision", 0)
+        self.executemany(conn, "devices.upsert", self._devices_upsert, rows)
+
+    def _devices_upsert(self) -> Any:
+        """The registry merge: insert a device, or fold a batch's row into the stored one (built once)."""
         d = s.devices.c
         stmt = self.insert(s.devices)
         ex = stmt.excluded  # type: ignore[attr-defined]
@@ -350,11 +367,7 @@ class Store:
             else_=d.last_seen,
         )
         set_["first_seen"] = case((d.first_seen.is_(None), ex.first_seen), else_=d.first_seen)
-        upsert = stmt.on_conflict_do_update(index_elements=["fleet", "device_id"], set_=set_)  # type: ignore[attr-defined]
-        for row in rows:
-            row.setdefault("tags", {})
-            row.setdefault("desired_revision", 0)
-        self.executemany(conn, "devices.upsert", upsert, rows)
+        return stmt.on_conflict_do_update(index_elements=["fleet", "device_id"], set_=set_)  # type: ignore[attr-defined]
 
     def _member_progress(self, conn: Connection, row: dict[str, Any], now: float) -> None:
         m = s.rollout_members.c
