@@ -130,15 +130,6 @@ def onnx_accuracy(path: Path, x: np.ndarray, y: np.ndarray) -> float:
     return correct / len(x)
 
 
-def eager_accuracy(model: Any, x: Any, y: Any) -> float:
-    """Accuracy of a torch model (the one a file was verified against, to 1e-4 per logit)."""
-    import torch
-
-    with torch.no_grad():
-        pred = torch.cat([model(x[i : i + 256]).argmax(1) for i in range(0, len(x), 256)])
-    return float((pred == y).float().mean())
-
-
 def scenario_finetune(base: Path, work: Path, key: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
     """(a): every whole-model variant of ``base`` rebuilt in torch from its files (checked byte for byte),
     fine-tuned once, then per grid (and raw) snapped per runtime and re-exported to .onnx and .pte."""
@@ -152,6 +143,7 @@ def scenario_finetune(base: Path, work: Path, key: Path, args: argparse.Namespac
         resign_bundle,
         snap_weights,
     )
+    from compiler.train import evaluate
 
     manifest = BundleManifest.from_json((base / MANIFEST_FILENAME).read_bytes())
     splits = load_splits(args.data_finetune or manifest.created.dataset)
@@ -179,7 +171,7 @@ def scenario_finetune(base: Path, work: Path, key: Path, args: argparse.Namespac
         )
         before = {
             "onnx": onnx_accuracy(base / rebuilt.files["onnx"], tx, ty),
-            "executorch": eager_accuracy(rebuilt.module(rebuilt.weights["executorch"]), test.x, test.y),
+            "executorch": evaluate(rebuilt.module(rebuilt.weights["executorch"]), test),
         }
         tuned = finetune_deployed(rebuilt, train, steps=args.steps, lr=args.lr, seed=1)
         for bits in grids:
@@ -191,7 +183,7 @@ def scenario_finetune(base: Path, work: Path, key: Path, args: argparse.Namespac
                 after = (
                     onnx_accuracy(path, tx, ty)
                     if runtime == "onnx"
-                    else eager_accuracy(rebuilt.module(weights), test.x, test.y)
+                    else evaluate(rebuilt.module(weights), test)
                 )
                 accuracy[bits][f"{v.name} {RUNTIME_LABEL[runtime]}"] = {
                     "before": before[runtime],

@@ -113,7 +113,7 @@ def add_compile_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore
         choices=("auto", "fp32", "bf16"),
         default="auto",
         help="training compute type: auto = bf16 autocast where the CPU has native bf16 (AVX512-BF16/AMX, "
-        "~1.7x faster), else fp32; weights and exported files are float32 either way",
+        "~1.6x faster), else fp32; weights and exported files are float32 either way",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="replace --out if it exists")

@@ -488,8 +488,9 @@ def finetune_bundle(
 
     import torch
 
-    from compiler.data import load_splits
+    from compiler.data import TensorData, load_splits
     from compiler.errors import CompileError
+    from compiler.train import evaluate
 
     manifest = BundleManifest.from_json((old / MANIFEST_FILENAME).read_bytes())
     if out.exists():
@@ -511,8 +512,8 @@ def finetune_bundle(
 
     train_x = renorm(splits.train.x)
     test = splits.test.subset(test_samples, seed=3)
-    test_x = renorm(test.x)
-    checks = torch.cat([torch.randn(8, *manifest.input.shape[1:]), test_x[:8]])
+    test = TensorData(renorm(test.x), test.y)
+    checks = torch.cat([torch.randn(8, *manifest.input.shape[1:]), test.x[:8]])
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     results = []
@@ -524,14 +525,14 @@ def finetune_bundle(
                 progress(f"    {v.name}: gated, left unchanged")
                 continue
             rebuilt = rebuild_variant(old, v.name, checks=checks, scratch=tmp / "scratch")
-            before = _accuracy(rebuilt.module(rebuilt.weights["onnx"]), test_x, test.y)
+            before = evaluate(rebuilt.module(rebuilt.weights["onnx"]), test)
             tuned = finetune_deployed(rebuilt, (train_x, splits.train.y), steps=steps, lr=lr)
             errors, snapped = [], {}
             for runtime, rel in rebuilt.files.items():
                 snapped[runtime], stats = snap_weights(rebuilt.weights[runtime], tuned, bits=bits)
                 export_deployed(rebuilt, snapped[runtime], runtime, work / rel, checks)
                 errors.append(stats.relative_error)
-            after = _accuracy(rebuilt.module(snapped["onnx"]), test_x, test.y)
+            after = evaluate(rebuilt.module(snapped["onnx"]), test)
             results.append(FinetunedVariant(v.name, before, after, max(errors)))
             progress(
                 f"    {v.name}: test accuracy {before:.2%} -> {after:.2%}"
@@ -542,10 +543,3 @@ def finetune_bundle(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return results
-
-
-def _accuracy(model: Any, x: Any, y: Any) -> float:
-    import torch
-
-    with torch.no_grad():
-        return float((model.eval()(x).argmax(1) == y).float().mean())

@@ -7,6 +7,7 @@ given, the loss mixes cross-entropy with the KL divergence to the teacher's soft
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -19,19 +20,25 @@ from torch import nn
 from compiler.data import TensorData, augment
 from compiler.progress import progress
 
-__all__ = ["TrainConfig", "evaluate", "native_bf16", "train"]
+__all__ = ["TrainConfig", "default_precision", "evaluate", "native_bf16", "train"]
 
 log = logging.getLogger(__name__)
 
 
+@functools.cache
 def native_bf16() -> bool:
     """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX), where bf16 autocast trains the
-    reference model about 1.7x faster than float32 (docs/compiler.md). Elsewhere bf16 is emulated and
+    reference model about 1.6x faster than float32 (docs/compiler.md). Elsewhere bf16 is emulated and
     slower, so float32 stays the default there."""
     try:
         return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     except (AttributeError, RuntimeError):  # private helpers: absent in another torch, float32 then
         return False
+
+
+def default_precision() -> str:
+    """``bf16`` where the CPU has it natively, else ``fp32``: the training configs' default."""
+    return "bf16" if native_bf16() else "fp32"
 
 
 @dataclass(frozen=True)
@@ -49,7 +56,7 @@ class TrainConfig:
     kd_alpha: float = 0.7  # weight of the distillation term when a teacher is given
     kd_temperature: float = 4.0
     augment: bool = True
-    precision: str = field(default_factory=lambda: "bf16" if native_bf16() else "fp32")
+    precision: str = field(default_factory=default_precision)
 
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "bf16"):

@@ -24,7 +24,7 @@ from torch import nn
 from compiler.data import TensorData, augment
 from compiler.gating.slim import SlimNet
 from compiler.progress import progress
-from compiler.train import native_bf16
+from compiler.train import default_precision
 
 __all__ = ["BudgetResult", "GateTrainConfig", "evaluate_gated", "train_gates", "train_slim"]
 
@@ -48,7 +48,7 @@ class GateTrainConfig:
     tau: float = 1.0
     kd_temperature: float = 4.0
     seed: int = 0
-    precision: str = field(default_factory=lambda: "bf16" if native_bf16() else "fp32")  # slim step only
+    precision: str = field(default_factory=default_precision)  # the shared-width step only
 
 
 def _kd(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
