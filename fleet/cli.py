@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import tempfile
 import urllib.error
 import urllib.parse
@@ -36,6 +37,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from fleet.server import FleetServer, ServeConfig, parse_http
 
     host, port = parse_http(args.http)
+    if not 0 <= args.session_expiry < 2**32:
+        raise UserError(
+            f"--session-expiry {args.session_expiry} is out of range",
+            hint="seconds from 0 (clean session) to 4294967295",
+        )
     public_key = args.public_key
     if public_key is None and DEFAULT_PUBLIC_KEY.is_file():
         public_key = DEFAULT_PUBLIC_KEY
@@ -59,6 +65,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         fleet=args.fleet,
         group=args.group,
         tick_s=args.tick_s,
+        client_id=args.client_id or f"edgeprune-fleet-{socket.gethostname()}-{port}",
+        session_expiry_s=args.session_expiry,
     )
     server = FleetServer(config)
     if server.generated_token:
@@ -263,6 +271,19 @@ def _serve_parser(fleet_sub: Any) -> None:
     serve.add_argument("--fleet", default=None, help="ingest only this fleet id (default: every fleet)")
     serve.add_argument("--group", default="edgeprune-fleet", help="MQTT v5 shared-subscription group")
     serve.add_argument("--tick-s", type=float, default=2.0, help="seconds between rollout steps")
+    serve.add_argument(
+        "--client-id",
+        default=None,
+        help="MQTT client id, the same across restarts (default edgeprune-fleet-HOSTNAME-HTTPPORT)",
+    )
+    serve.add_argument(
+        "--session-expiry",
+        type=int,
+        default=300,
+        metavar="S",
+        help="seconds the broker keeps this manager's session while it is down, so what it received but "
+        "had not stored is redelivered after a crash (default 300; 0 = clean session)",
+    )
     serve.set_defaults(func=_cmd_serve)
 
 

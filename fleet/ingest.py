@@ -52,6 +52,9 @@ def shared_filters(*, group: str, fleet: str | None = None) -> list[str]:
     return [f"$share/{group}/{subscription(fleet=fleet, channel=ch)}" for ch in DEVICE_CHANNELS]
 
 
+_Item = tuple[str, bytes, float, int, int]
+"""A received message on its way to the store: topic, payload, arrival time, MQTT packet id, QoS."""
+
 _SHARED_ID, _RESYNC_ID = 1, 2  # MQTT v5 subscription identifiers: which subscription delivered a message
 
 RETAINED_CHANNELS: tuple[Channel, ...] = ("birth", "status")
@@ -108,6 +111,13 @@ class Ingestor:
     enqueues; one writer thread validates each payload against its topic
     (:func:`agent.contract.parse_message`), counts and logs rejects, and writes up to ``batch_max``
     messages or ``batch_interval_s`` worth per transaction.
+
+    A message is acknowledged (PUBACK) only once the transaction holding it has committed, or it has been
+    counted as a reject. With ``session_expiry_s > 0`` and a ``client_id`` that stays the same across
+    restarts, the broker keeps this manager's session while it is gone and redelivers what was received
+    but not yet committed, so a manager killed mid-stream and restarted loses nothing (what it had
+    committed but not yet acknowledged comes again and is dropped as a duplicate). ``session_expiry_s=0``
+    is a clean session: the broker forgets the unacknowledged messages with the connection.
     """
 
     def __init__(
@@ -123,6 +133,7 @@ class Ingestor:
         queue_max: int = 200_000,
         keepalive_s: int = 15,
         resync_s: float = 3.0,
+        session_expiry_s: int = 0,
     ) -> None:
         self.store = store
         self.address = parse_broker_url(broker_url) if isinstance(broker_url, str) else broker_url
@@ -133,9 +144,12 @@ class Ingestor:
         self.batch_interval_s = batch_interval_s
         self.keepalive_s = keepalive_s
         self.resync_s = resync_s
+        self.session_expiry_s = session_expiry_s
         self._resync_mid: int | None = None
         self._resync_timer: threading.Timer | None = None
-        self._queue: queue.Queue[tuple[str, bytes, float] | None] = queue.Queue(maxsize=queue_max)
+        self._queue: queue.Queue[_Item | None] = queue.Queue(maxsize=queue_max)
+        # the broker sends at most this many unacknowledged messages, so the queue cannot overflow
+        self.receive_maximum = min(queue_max, 65_535)
         self._stop = threading.Event()
         self._subscribed = threading.Event()
         self._lock = threading.Lock()
@@ -147,6 +161,7 @@ class Ingestor:
         self.resynced = 0
         self._thread: threading.Thread | None = None
         self.client = make_client(self.client_id, self.address)
+        self.client.manual_ack_set(True)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.client.on_subscribe = self._on_subscribe
@@ -158,8 +173,18 @@ class Ingestor:
         """Connect, subscribe and start the writer; wait for the SUBACK so nothing sent after is missed."""
         self._thread = threading.Thread(target=self._writer, name="fleet-ingest-writer", daemon=True)
         self._thread.start()
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.ReceiveMaximum = self.receive_maximum
+        if self.session_expiry_s > 0:
+            props.SessionExpiryInterval = self.session_expiry_s
         try:
-            self.client.connect(self.address.host, self.address.port, keepalive=self.keepalive_s)
+            self.client.connect(
+                self.address.host,
+                self.address.port,
+                keepalive=self.keepalive_s,
+                clean_start=self.session_expiry_s == 0,
+                properties=props,
+            )
         except OSError as exc:
             self.stop()
             raise IngestError(
@@ -173,9 +198,11 @@ class Ingestor:
         return self
 
     def stop(self, *, drain_timeout_s: float = 10.0) -> None:
-        """Disconnect, write what is queued, stop the writer. Safe to call twice."""
+        """Write and acknowledge what is queued, disconnect, stop the writer. Safe to call twice."""
         if self._resync_timer is not None:
             self._resync_timer.cancel()
+        if self._thread is not None and self._thread.is_alive():
+            self.wait_idle(timeout_s=drain_timeout_s)  # acknowledged while still connected
         self.client.disconnect()
         self.client.loop_stop()
         if self._thread is not None and self._thread.is_alive():
@@ -199,7 +226,7 @@ class Ingestor:
                 "rejects": dict(self.rejects),
                 "write_failures": self.write_failures,
                 "resynced": self.resynced,
-                "queued": self._queue.qsize(),
+                "queued": self._queue.unfinished_tasks,  # received, not yet written (or counted)
             }
 
     def wait_idle(self, *, timeout_s: float = 10.0) -> bool:
@@ -252,19 +279,21 @@ class Ingestor:
         ids = getattr(msg.properties, "SubscriptionIdentifier", None) or ()
         if _RESYNC_ID in ids and _SHARED_ID not in ids:
             if not msg.retain:
-                return  # a live message through the resync subscription: the shared one delivers it (once)
+                # a live message through the resync subscription: the shared one delivers it (once)
+                client.ack(msg.mid, msg.qos)
+                return
             with self._lock:
                 self.resynced += 1
         try:
-            self._queue.put((msg.topic, bytes(msg.payload), time.time()), timeout=5)
-        except queue.Full:
+            self._queue.put((msg.topic, bytes(msg.payload), time.time(), msg.mid, msg.qos), timeout=5)
+        except queue.Full:  # left unacknowledged: a persistent session gets it again after a reconnect
             with self._lock:
                 self.rejects["queue_full"] += 1
 
     # --- writer --------------------------------------------------------------------------------------
 
-    def _next_batch(self) -> tuple[list[tuple[str, bytes, float]], bool]:
-        batch: list[tuple[str, bytes, float]] = []
+    def _next_batch(self) -> tuple[list[_Item], bool]:
+        batch: list[_Item] = []
         item = self._queue.get()
         if item is None:
             return batch, True
@@ -289,12 +318,19 @@ class Ingestor:
             batch, done = self._next_batch()
             try:
                 if batch:
-                    self._write_with_retries(batch)
+                    self._ack(self._write_with_retries(batch))
             finally:
                 for _ in range(len(batch) + (1 if done else 0)):
                     self._queue.task_done()
 
-    def _write_with_retries(self, batch: list[tuple[str, bytes, float]], *, attempts: int = 4) -> None:
+    def _ack(self, handled: list[_Item]) -> None:
+        """PUBACK the messages that are committed or counted as rejects, never before."""
+        ack = self.client.ack
+        for _topic, _payload, _at, mid, qos in handled:
+            if qos:
+                ack(mid, qos)
+
+    def _write_with_retries(self, batch: list[_Item], *, attempts: int = 4) -> list[_Item]:
         """A database hiccup (restart, lock timeout) must not lose a batch: retry with backoff; a retried
         batch is harmless because message ids already stored count as duplicates.
 
@@ -302,29 +338,36 @@ class Ingestor:
         take (an integer beyond 64 bits on SQLite, beyond the column on PostgreSQL, a NUL character
         PostgreSQL refuses). Retrying cannot help and dropping the batch would lose every other message in
         it, so the batch is split in halves until the messages that cannot be stored are alone; each is
-        logged and counted as an ``unstorable`` reject."""
+        logged and counted as an ``unstorable`` reject.
+
+        Returns the messages that were handled (stored, duplicates or counted rejects); those of a batch
+        dropped after ``attempts`` failed writes are not, and stay unacknowledged."""
         for attempt in range(attempts):
             try:
                 self._write(batch)
-                return
+                return batch
             except Exception as exc:  # the daemon's top loop: log, count, keep ingesting
                 if not _transient(exc):
-                    self._isolate(batch, exc, attempts=attempts)
-                    return
+                    return self._isolate(batch, exc, attempts=attempts)
                 log.exception("writing a batch of %d messages failed (attempt %d)", len(batch), attempt + 1)
                 with self._lock:
                     self.write_failures += 1
                 if attempt + 1 < attempts and not self._stop.wait(0.5 * 2**attempt):
                     continue
-                log.error("dropped a batch of %d messages after %d attempts", len(batch), attempt + 1)
-                return
+                log.error(
+                    "dropped a batch of %d messages after %d attempts; left unacknowledged, so a "
+                    "persistent session receives them again after a reconnect",
+                    len(batch),
+                    attempt + 1,
+                )
+        return []
 
-    def _isolate(self, batch: list[tuple[str, bytes, float]], exc: Exception, *, attempts: int) -> None:
+    def _isolate(self, batch: list[_Item], exc: Exception, *, attempts: int) -> list[_Item]:
         if len(batch) > 1:
             half = len(batch) // 2
-            self._write_with_retries(batch[:half], attempts=attempts)
-            self._write_with_retries(batch[half:], attempts=attempts)
-            return
+            return self._write_with_retries(batch[:half], attempts=attempts) + self._write_with_retries(
+                batch[half:], attempts=attempts
+            )
         topic = batch[0][0]
         log.warning("cannot store a valid message on %s: %s: %s", topic, type(exc).__name__, exc)
         try:
@@ -334,12 +377,13 @@ class Ingestor:
         with self._lock:
             self.received += 1
             self.rejects["unstorable"] += 1
+        return batch
 
-    def _write(self, batch: list[tuple[str, bytes, float]]) -> None:
+    def _write(self, batch: list[_Item]) -> None:
         good: list[tuple[str, Message]] = []
         received: list[float] = []
         rejects: Counter[str] = Counter()
-        for topic, payload, at in batch:
+        for topic, payload, at, _mid, _qos in batch:
             reason, parsed = self._parse(topic, payload)
             if parsed is not None:
                 good.append(parsed)

@@ -63,6 +63,11 @@ class ServeConfig:
     fleet: str | None = None
     group: str = "edgeprune-fleet"
     tick_s: float = 2.0
+    client_id: str | None = None
+    """MQTT client id; keep it the same across restarts for ``session_expiry_s`` to help (None: random)."""
+    session_expiry_s: int = 0
+    """How long the broker keeps this manager's session (and what it had not acknowledged) while it is
+    gone; 0 = a clean session. ``fleet serve`` keeps one for 300 s."""
 
 
 class FleetServer:
@@ -91,7 +96,14 @@ class FleetServer:
             log.warning("no --public-key: uploaded bundles are not signature-checked")
         self.store = Store(c.db)
         try:
-            self.ingestor = Ingestor(self.store, broker_url=c.broker, fleet=c.fleet, group=c.group).start()
+            self.ingestor = Ingestor(
+                self.store,
+                broker_url=c.broker,
+                fleet=c.fleet,
+                group=c.group,
+                client_id=c.client_id,
+                session_expiry_s=c.session_expiry_s,
+            ).start()
             client = self.ingestor.client
 
             def publish(topic: str, payload: bytes) -> None:

@@ -268,3 +268,87 @@ def test_a_manager_that_starts_late_learns_each_device_state_from_the_retained_m
         client.publish(device_topic(fleet, device, channel), b"", qos=1, retain=True).wait_for_publish(10)
     client.disconnect()
     client.loop_stop()
+
+
+KILLED_MANAGER = """
+import sys, time
+from fleet.ingest import Ingestor
+from fleet.store import Store
+url, db, client_id, expiry = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+# batches of 100 or 60 s: of 250 messages, 200 commit at once, the last 50 wait in memory
+ing = Ingestor(Store(db), broker_url=url, fleet=client_id, client_id=client_id, session_expiry_s=expiry,
+               batch_max=100, batch_interval_s=60)
+ing.start()
+print("ready", flush=True)
+while True:
+    print(ing.stats()["queued"], flush=True)
+    time.sleep(0.05)
+"""
+
+
+def kill_manager_mid_stream(broker: MosquittoBroker, db: Path, client_id: str, expiry_s: int) -> None:
+    """Run a manager in a child process, send it 250 messages, SIGKILL it once 200 are committed and the
+    other 50 are in its memory only. The fleet is named after the client id: a share group of its own
+    (a cleanly stopped manager's session would otherwise take its share of the next test's messages)."""
+    import signal
+    import subprocess
+    import sys
+
+    Store(db).close()  # migrated before the child and the test open it
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_MANAGER, broker.url, str(db), client_id, str(expiry_s)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    sent = [metrics(f"{client_id}-{i % 10}", i) for i in range(250)]
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        publish_all(
+            broker,
+            [(device_topic(client_id, m.device_id, "metrics"), m.to_json().encode()) for m in sent],
+            f"pub-{client_id}",
+        )
+        with Store(db) as store:
+            wait_for(lambda: store.count(schema.metrics) == 200)
+        deadline = time.monotonic() + 20
+        while (line := proc.stdout.readline()).strip() != "50":
+            assert line and time.monotonic() < deadline, f"the manager never held 50 (last: {line!r})"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        assert proc.stdout is not None
+        proc.stdout.close()
+
+
+def test_a_manager_killed_mid_stream_loses_nothing_after_its_restart(
+    tmp_path: Path, broker: MosquittoBroker
+) -> None:
+    """Messages are acknowledged only after their batch commits, and the manager's session outlives it:
+    SIGKILL with 50 messages received but not written, restart with the same client id, and the broker
+    redelivers them. (Acknowledging on arrival, as paho does by default, lost those 50.)"""
+    db = tmp_path / "fleet.db"
+    kill_manager_mid_stream(broker, db, "mgr-kept", 120)
+    with Store(db) as store:
+        assert store.count(schema.metrics) == 200
+        with Ingestor(
+            store, broker_url=broker.url, fleet="mgr-kept", client_id="mgr-kept", session_expiry_s=120
+        ) as ing:
+            wait_for(lambda: store.count(schema.metrics) == 250)
+            assert ing.wait_idle()
+        assert store.count(schema.messages_seen) == 250
+        assert store.counters()["stored"] == 250
+
+
+def test_a_clean_session_manager_still_loses_what_it_had_not_written(
+    tmp_path: Path, broker: MosquittoBroker
+) -> None:
+    """The same kill with ``session_expiry_s=0``: the broker forgets the unacknowledged messages with the
+    connection (this is why ``fleet serve`` keeps a session by default)."""
+    db = tmp_path / "fleet.db"
+    kill_manager_mid_stream(broker, db, "mgr-clean", 0)
+    with Store(db) as store:
+        with Ingestor(store, broker_url=broker.url, fleet="mgr-clean", client_id="mgr-clean") as ing:
+            time.sleep(2)
+            assert ing.wait_idle() and ing.stats()["received"] == 0
+        assert store.count(schema.metrics) == 200
