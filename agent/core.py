@@ -613,7 +613,7 @@ class Agent:
             self._announce.set()
         self._ever_connected = True
         self._connected.set()
-        log.info("connected to %s", self.config.broker_url)
+        log.info("connected to %s", self._address.url)  # never the password
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         self._connected.clear()

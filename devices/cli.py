@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.cli import DEFAULT_PUBLIC_KEY
+from agent.mqtt import parse_broker_url
 from devices.profiles import PROFILES, get_profile
 
 __all__ = ["add_devices_parser"]
@@ -62,7 +63,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
                 seed=args.seed,
             )
             sim = Simulator(config, data=data, progress=lambda line: print(line, flush=True))
-            print(f"==> {args.devices} devices ({', '.join(profiles)}) on {broker_url}; Ctrl-C stops")
+            where = parse_broker_url(broker_url).url  # never the password
+            print(f"==> {args.devices} devices ({', '.join(profiles)}) on {where}; Ctrl-C stops")
             result = sim.run(duration_s=args.duration, sim_hours=args.sim_hours)
         summary = result.summary()
         (out / "result.json").write_text(result.to_json())

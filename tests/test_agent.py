@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -33,7 +34,7 @@ from agent.policy import PolicyConfig
 from agent.sensors import StaticSensors
 from agent.signing import KeyPair, load_private_key, sign_manifest
 from fleet.broker import MosquittoBroker, free_port
-from tests.helpers import Inbox, connected_client
+from tests.helpers import Inbox, connected_client, wait_for
 
 pytestmark = [pytest.mark.broker, pytest.mark.export]
 
@@ -142,6 +143,21 @@ def test_telemetry_birth_metrics_and_clean_stop(bundle, signing_keys, broker, tm
     assert offline.device_id == "pi-01"
     c.wait(lambda m: isinstance(m, Event) and m.event == "stopping")
     c.close()
+
+
+def test_the_broker_password_never_reaches_the_log(bundle, signing_keys, broker, tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
+    url = f"mqtt://pi-01:s3cret-pw@{broker.host}:{broker.port}"  # the private broker takes any login
+    agent = Agent(
+        make_config(bundle, signing_keys, url, tmp_path, "t-password"), sensors=StaticSensors(Readings())
+    )
+    with caplog.at_level(logging.DEBUG):
+        agent.start()
+        try:
+            wait_for(lambda: "connected to" in caplog.text)
+        finally:
+            agent.stop()
+    assert f"connected to mqtt://pi-01@{broker.host}:{broker.port}" in caplog.text
+    assert "s3cret-pw" not in caplog.text
 
 
 def test_critical_battery_switches_to_the_cheapest_variant_with_a_reason(
