@@ -62,6 +62,14 @@ def test_missing_data_is_a_domain_error(tmp_path: Path) -> None:
     assert "Traceback" not in out.stderr
 
 
+def test_fleet_serve_refuses_a_negative_session_expiry(tmp_path: Path) -> None:
+    out = run("fleet", "serve", "--data-dir", str(tmp_path / "fleet"), "--session-expiry", "-1")
+    assert out.returncode == 1
+    assert out.stderr.startswith("UserError: --session-expiry -1 is out of range")
+    assert "hint: seconds from 0 (clean session)" in out.stderr
+    assert not (tmp_path / "fleet").exists()  # refused before anything was created
+
+
 def test_data_info_on_fixture(fixture_data_dir: Path) -> None:
     out = run("data", "info", "--root", str(fixture_data_dir))
     assert out.returncode == 0, out.stderr
