@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 from pathlib import Path
@@ -17,9 +18,19 @@ from agent.policy import Policy, PolicyConfig
 from agent.runtime import ModelServer, make_backend
 from agent.signing import KeyPair, load_public_key
 from bench._gated_if import export_gated_if, load_gated_if, sink_initializers
+from compiler.data import TensorData
+from compiler.gating.build import calibrate_budget
 from compiler.gating.deploy import GatedDeploy
-from compiler.gating.slim import GatingError, SlimNet, gating_parts, order_channels, width_choices
-from compiler.gating.train import GateTrainConfig
+from compiler.gating.slim import (
+    GatingError,
+    SlimNet,
+    budget_shift,
+    gating_parts,
+    map_tensors,
+    order_channels,
+    width_choices,
+)
+from compiler.gating.train import GateTrainConfig, evaluate_gated
 from compiler.pipeline import CompileResult
 from compiler.reference import BasicBlock
 from tests.conftest import options
@@ -84,6 +95,53 @@ def test_a_larger_budget_never_picks_narrower_widths() -> None:
         if previous is not None:
             assert torch.all(share >= previous - 1e-6)
         previous = share
+
+
+def test_budget_shift_is_the_piecewise_linear_map_flat_outside() -> None:
+    rng = np.random.default_rng(0)
+    xs = np.sort(rng.uniform(0.2, 1.0, 6))
+    ys = np.maximum.accumulate(rng.uniform(0.0, 2.0, 6))
+    b = rng.uniform(0.0, 1.2, (50, 1)).astype(np.float32)  # per-sample budgets, as in training
+    got = budget_shift(torch.from_numpy(b), *map_tensors((tuple(xs), tuple(ys))))
+    assert got.shape == (50, 1)
+    assert np.allclose(got.numpy(), np.interp(b, xs, ys), atol=1e-5)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        map_tensors(((0.5, 0.5), (0.0, 1.0)))
+
+
+def _random_gates(seed: int) -> SlimNet:
+    slim = SlimNet(_net(), torch.zeros(1, 1, 28, 28)).eval()
+    torch.manual_seed(seed)
+    for gate in slim.gates:
+        nn.init.normal_(gate.weight, std=2.0)
+        nn.init.normal_(gate.bias, std=1.0)
+    return slim
+
+
+@torch.no_grad()
+def test_calibrated_budget_reads_as_the_share_of_gated_compute() -> None:
+    """After calibration the realised density at a budget is about the budget (where the gates can reach
+    it: these random gates compute 36% at the least), in the deployed form too; without it the raw budget
+    is off by far more (the test can fail)."""
+    slim = _random_gates(3)
+    torch.manual_seed(4)
+    data = TensorData(torch.randn(300, 1, 28, 28), torch.zeros(300, dtype=torch.int64))
+    budgets = [0.25, 0.4, 0.55, 0.7, 0.85, 1.0]
+    raw_error = max(abs(r.density - r.budget) for r in evaluate_gated(slim, data, budgets))
+    slim.budget_map = calibrate_budget(slim, data, budgets)
+    curve = evaluate_gated(slim, data, budgets)
+    floor, reach = curve[0].density, curve[-1].density  # what these gates can do at all
+    inside = [r for r in curve if floor <= r.budget <= reach]
+    assert len(inside) >= 3
+    assert max(abs(r.density - r.budget) for r in inside) <= 0.06 < raw_error
+    assert all(a.density <= b.density + 1e-9 for a, b in itertools.pairwise(curve))
+    deploy = GatedDeploy(slim).eval()
+    for budget in (0.3, 0.5, 0.8):
+        for i in range(4):
+            logits, _, picks = slim.gated(data.x[i : i + 1], budget)
+            got, got_picks = deploy(data.x[i : i + 1], torch.tensor([budget]))
+            assert got_picks.tolist() == picks[0].tolist()
+            assert torch.allclose(got, logits, atol=1e-4)
 
 
 def test_model_without_blocks_is_refused_with_a_hint() -> None:

@@ -21,7 +21,7 @@ from torch import nn
 
 from agent.contract import BudgetInput, BudgetPoint, Gating, Latency, Runtime
 from compiler import cache
-from compiler.data import Splits
+from compiler.data import Splits, TensorData
 from compiler.gating.deploy import (
     GatedDeploy,
     GatedFiles,
@@ -30,7 +30,7 @@ from compiler.gating.deploy import (
     gating_spec,
     verify_gated,
 )
-from compiler.gating.slim import DEFAULT_FRACTIONS, SlimNet
+from compiler.gating.slim import DEFAULT_FRACTIONS, BudgetMap, SlimNet
 from compiler.gating.train import BudgetResult, GateTrainConfig, evaluate_gated, train_gates, train_slim
 from compiler.measure import time_interleaved
 
@@ -40,6 +40,12 @@ log = logging.getLogger(__name__)
 
 BUDGETS = (0.25, 0.4, 0.55, 0.7, 0.85, 1.0)
 """Budgets the bundle's curve reports (the budget is the target share of the gated blocks' compute)."""
+
+CALIBRATION_GRID = tuple(i / 10 for i in range(21))
+"""Raw budgets the calibration evaluates (score shifts of 0 to 20 for the full width)."""
+
+CALIBRATION_IMAGES = 1000
+"""Training images (a fixed seeded sample, no augmentation) the calibration measures density on."""
 
 FULL_DENSITY = 0.995
 """A curve budget whose gates compute at least this share of the gated channels on the test split runs the
@@ -68,6 +74,56 @@ def _pick_default(curve: Sequence[BudgetResult], tolerance: float) -> float:
     return min(r.budget for r in curve if r.accuracy >= best - tolerance)
 
 
+def calibrate_budget(
+    net: SlimNet,
+    data: TensorData,
+    budgets: Sequence[float],
+    *,
+    grid: Sequence[float] = CALIBRATION_GRID,
+    refine: int = 24,
+    max_gap: float = 0.03,
+) -> BudgetMap:
+    """A map from the run-time budget to the raw budget the gates were trained with, such that the mean
+    density (share of the gated channels computed) on ``data`` is about the budget itself.
+
+    Trained gates answer the raw budget steeply and over only part of its range (the reference model's
+    went from 25% to 29% density between raw budgets 0.25 and 0.55, then to 91% by 0.7), so the knob had
+    two useful settings. Here the density is measured at each raw budget of ``grid``, then up to
+    ``refine`` more times halfway across the steepest step (while one is larger than ``max_gap``); made
+    non-decreasing, it is inverted by linear interpolation at 16 budgets evenly spread over the range of
+    ``budgets``. Budgets beyond the densest the gates reach map to where that density starts.
+    """
+    net.budget_map = None
+    points = {float(r): d.density for r, d in zip(grid, evaluate_gated(net, data, list(grid)), strict=True)}
+    for _ in range(refine):
+        raws = sorted(points)
+        gap, lo, hi = max((points[b] - points[a], a, b) for a, b in itertools.pairwise(raws))
+        if gap <= max_gap or hi - lo < 1e-3:
+            break
+        mid = (lo + hi) / 2
+        points[mid] = evaluate_gated(net, data, [mid])[0].density
+    raw = np.asarray(sorted(points), dtype=np.float64)
+    dens = np.maximum.accumulate([points[r] for r in raw])
+    targets = np.linspace(min(budgets), max(budgets), 16)
+    top = int(np.argmax(dens >= dens[-1]))  # first raw budget at the highest density
+    values = []
+    for b in targets:
+        if b <= dens[0]:
+            values.append(raw[0])
+        elif b >= dens[-1]:
+            values.append(raw[top])
+        else:
+            i = int(np.argmax(dens >= b))
+            t = (b - dens[i - 1]) / (dens[i] - dens[i - 1])
+            values.append(raw[i - 1] + t * (raw[i] - raw[i - 1]))
+    return tuple(float(x) for x in targets), tuple(float(y) for y in np.maximum.accumulate(values))
+
+
+def _calibration_data(train: TensorData, n: int = CALIBRATION_IMAGES, seed: int = 0) -> TensorData:
+    idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n]
+    return TensorData(train.x[idx], train.y[idx])
+
+
 def build_gated(
     dense: nn.Module,
     splits: Splits,
@@ -91,6 +147,10 @@ def build_gated(
         path = cache.store(net, key, kind="gated")
         print(f"    trained in {time.monotonic() - started:.0f}s; cached the gated checkpoint at {path}")
     net.eval()
+    started = time.monotonic()
+    net.budget_map = calibrate_budget(net, _calibration_data(splits.train), budgets)
+    knots = ", ".join(f"{b:.2f}->{r:.2f}" for b, r in zip(*net.budget_map, strict=True))
+    print(f"    calibrated the budget knob in {time.monotonic() - started:.0f}s (budget -> raw): {knots}")
     curve = evaluate_gated(net, splits.test, sorted(set(budgets)))
     # Where the gates already compute (nearly) every channel, skip them: from the first such budget up
     # (at least the top of the range) the `full` segment runs every block at full width in one call

@@ -33,7 +33,7 @@ from agent.contract import BudgetInput, GatedBlock, Gating, Runtime
 from agent.runtime import make_backend
 from compiler.errors import ExportError, VerificationError
 from compiler.export import _quiet
-from compiler.gating.slim import BUDGET_SCALE, SlimBlock, SlimNet
+from compiler.gating.slim import BUDGET_SCALE, BudgetMap, SlimBlock, SlimNet, budget_shift, map_tensors
 
 __all__ = [
     "GatedDeploy",
@@ -76,12 +76,19 @@ class _Branch(nn.Module):
 
 
 class _Gate(nn.Module):
-    """``argmax(linear(mean(h)) + BUDGET_SCALE * budget * cost)`` as a 1-element int64 tensor."""
+    """``argmax(linear(mean(h)) + BUDGET_SCALE * raw_budget * cost)`` as a 1-element int64 tensor; the raw
+    budget is the budget through the net's calibrated map (:func:`budget_shift`), when it has one."""
 
-    def __init__(self, linear: nn.Linear, cost: torch.Tensor) -> None:
+    def __init__(self, linear: nn.Linear, cost: torch.Tensor, budget_map: BudgetMap | None = None) -> None:
         super().__init__()
         self.linear = linear
         self.register_buffer("cost", (BUDGET_SCALE * cost).clone())
+        self.mapped = budget_map is not None
+        if budget_map is not None:
+            starts, spans, slopes, self.base = map_tensors(budget_map)
+            self.register_buffer("starts", starts)
+            self.register_buffer("spans", spans)
+            self.register_buffer("slopes", slopes)
 
     def forward(self, h: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
         cost = cast(torch.Tensor, self.cost)
@@ -89,6 +96,9 @@ class _Gate(nn.Module):
         # runs in the segment's one delegate call; a plain mean ran in ExecuTorch's portable kernel
         # (~100 us on the stem's 32x28x28 map) between two delegate calls
         pooled = h.mean(dim=(2, 3), keepdim=True).flatten(1)
+        if self.mapped:
+            raw = budget_shift(budget, self.starts, self.spans, self.slopes, self.base)
+            return (self.linear(pooled) + raw * cost).argmax(dim=1)
         return (self.linear(pooled) + budget * cost).argmax(dim=1)
 
 
@@ -102,7 +112,7 @@ class GatedDeploy(nn.Module):
         net = net.eval()
         self.stem, self.head = net.stem, net.head
         self.gates = nn.ModuleList(
-            _Gate(cast(nn.Linear, g), c) for g, c in zip(net.gates, net.costs, strict=True)
+            _Gate(cast(nn.Linear, g), c, net.budget_map) for g, c in zip(net.gates, net.costs, strict=True)
         )
         self.shortcuts = nn.ModuleList(cast(SlimBlock, b).shortcut for b in net.blocks)
         self.branches = nn.ModuleList(

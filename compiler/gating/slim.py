@@ -11,7 +11,9 @@ Analysis and surgery for input-dependent channel gating (DS-Net / slimmable styl
   has one gate per block: a linear layer on the pooled block input that scores the widths. The run-time
   ``budget`` is added to the scores times each width's relative cost, so a larger budget can only
   choose wider blocks (the argmax of ``score_j + budget * cost_j`` never moves to a cheaper ``j`` as the
-  budget grows).
+  budget grows). After training, :attr:`SlimNet.budget_map` (set by the compiler's calibration) maps the
+  run-time budget through a non-decreasing piecewise-linear function first, so that the budget reads as
+  the share of the gated compute the gates actually spend (:func:`budget_shift`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ __all__ = [
     "GatingError",
     "SlimBlock",
     "SlimNet",
+    "budget_shift",
     "gating_parts",
     "order_channels",
     "width_choices",
@@ -42,6 +45,35 @@ DEFAULT_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 # How strongly the budget moves the scores: a budget step of 0.1 shifts the full width's score by 1
 # against a zero-cost choice, comparable to what the gates learn to output.
 BUDGET_SCALE = 10.0
+
+
+BudgetMap = tuple[tuple[float, ...], tuple[float, ...]]
+"""Knots ``(budgets, raw budgets)`` of a piecewise-linear map; budgets strictly increasing."""
+
+
+def budget_shift(
+    budget: float | torch.Tensor, starts: torch.Tensor, spans: torch.Tensor, slopes: torch.Tensor, base: float
+) -> torch.Tensor:
+    """The piecewise-linear map with segments from ``starts`` of length ``spans`` and ``slopes``, value
+    ``base`` at (and below) the first knot, flat past the last; elementwise over ``budget`` (any shape).
+    Written with sub, relu, minimum, mul and sum so that it exports to ONNX and ExecuTorch as is.
+
+    >>> t = map_tensors(((0.25, 0.5, 1.0), (0.0, 0.5, 0.6)))
+    >>> [round(float(budget_shift(b, *t)), 3) for b in (0.1, 0.25, 0.375, 0.75, 2.0)]
+    [0.0, 0.0, 0.25, 0.55, 0.6]
+    """
+    b = torch.as_tensor(budget, dtype=torch.float32).unsqueeze(-1)
+    return base + (torch.minimum(F.relu(b - starts), spans) * slopes).sum(-1)
+
+
+def map_tensors(knots: BudgetMap) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """``(starts, spans, slopes, base)`` of :func:`budget_shift` for ``knots``."""
+    xs = torch.tensor(knots[0], dtype=torch.float32)
+    ys = torch.tensor(knots[1], dtype=torch.float32)
+    spans = xs[1:] - xs[:-1]
+    if len(xs) < 2 or len(xs) != len(ys) or not bool((spans > 0).all()):
+        raise ValueError(f"budget map knots must be >= 2 strictly increasing budgets, got {knots}")
+    return xs[:-1], spans, (ys[1:] - ys[:-1]) / spans, float(ys[0])
 
 
 class GatingError(CompileError):
@@ -202,6 +234,8 @@ class SlimNet(nn.Module):
             torch.tensor([w / b.widths[-1] for w in b.widths], dtype=torch.float32) for b in self.blocks
         ]
         self.block_macs, self.fixed_macs = self._count_macs(example)
+        # None while training: the raw budget goes to the gates as is (see the module docstring)
+        self.budget_map: BudgetMap | None = None
         total = sum(m[-1] for m in self.block_macs)
         # Share of the gated blocks' full MACs each width costs: the compute penalty's unit.
         self.mac_share = [torch.tensor(m, dtype=torch.float32) / total for m in self.block_macs]
@@ -248,9 +282,16 @@ class SlimNet(nn.Module):
         out: torch.Tensor = self.head(h)
         return out
 
+    def raw_budget(self, budget: float | torch.Tensor) -> float | torch.Tensor:
+        """``budget`` through :attr:`budget_map` (unchanged when there is none)."""
+        if self.budget_map is None:
+            return budget
+        return budget_shift(budget, *map_tensors(self.budget_map))
+
     def scores(self, i: int, h: torch.Tensor, budget: float | torch.Tensor) -> torch.Tensor:
-        """Gate ``i``'s scores for input ``h``: ``gate(mean(h)) + BUDGET_SCALE * budget * cost``."""
-        return cast(torch.Tensor, self.gates[i](h.mean(dim=(2, 3)))) + BUDGET_SCALE * budget * self.costs[i]
+        """Gate ``i``'s scores for input ``h``: ``gate(mean(h)) + BUDGET_SCALE * raw_budget * cost``."""
+        raw = self.raw_budget(budget)
+        return cast(torch.Tensor, self.gates[i](h.mean(dim=(2, 3)))) + BUDGET_SCALE * raw * self.costs[i]
 
     def gated(
         self, x: torch.Tensor, budget: float | torch.Tensor, *, tau: float | None = None
