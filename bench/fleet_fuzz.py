@@ -603,7 +603,11 @@ def run(args: argparse.Namespace, db: str, broker: MosquittoBroker) -> dict[str,
     t_start = time.time()
     with CrashWatch() as watch, Store(db) as store:
         ing = Ingestor(
-            store, broker_url=broker.url, group=f"fuzz-{uuid.uuid4().hex[:6]}", batch_max=args.batch
+            store,
+            broker_url=broker.url,
+            group=f"fuzz-{uuid.uuid4().hex[:6]}",
+            batch_max=args.batch,
+            receive_maximum=args.receive_maximum,
         )
         ing.start()
         try:
@@ -692,6 +696,13 @@ def main(argv: list[str] | None = None) -> int:
         help="mosquitto max_queued_messages for the manager's session (0: no limit; a small one loses "
         "messages, which the bench must then report)",
     )
+    parser.add_argument(
+        "--receive-maximum",
+        type=int,
+        default=65_535,
+        help="unacknowledged messages the manager accepts in flight (MQTT v5 Receive Maximum); the "
+        "manager acknowledges after each commit, so with a small one the broker must queue the rest",
+    )
     parser.add_argument("--progress-s", type=float, default=3.0)
     parser.add_argument(
         "--settle-s", type=float, default=20.0, help="give up after this long without progress"
@@ -700,8 +711,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json-out", type=Path, default=Path("out/bench/fleet-fuzz.json"))
     args = parser.parse_args(argv)
 
-    # 0: the manager's session may queue without bound (see docs/fleet.md); otherwise mosquitto's
-    # default of 20 messages in flight plus at most --broker-queue queued, beyond which it drops.
+    # 0: the manager's session may queue without bound (see docs/fleet.md); otherwise --receive-maximum
+    # messages in flight plus at most --broker-queue queued, beyond which mosquitto drops.
     config = (
         "max_queued_messages 0\nmax_inflight_messages 0"
         if not args.broker_queue

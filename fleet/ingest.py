@@ -134,6 +134,7 @@ class Ingestor:
         keepalive_s: int = 15,
         resync_s: float = 3.0,
         session_expiry_s: int = 0,
+        receive_maximum: int = 65_535,
     ) -> None:
         self.store = store
         self.address = parse_broker_url(broker_url) if isinstance(broker_url, str) else broker_url
@@ -148,8 +149,11 @@ class Ingestor:
         self._resync_mid: int | None = None
         self._resync_timer: threading.Timer | None = None
         self._queue: queue.Queue[_Item | None] = queue.Queue(maxsize=queue_max)
-        # the broker sends at most this many unacknowledged messages, so the queue cannot overflow
-        self.receive_maximum = min(queue_max, 65_535)
+        # the broker sends at most this many unacknowledged messages (MQTT v5 Receive Maximum, 1..65535),
+        # so the queue cannot overflow; the rest wait in the broker's queue for this session
+        if not 1 <= receive_maximum <= 65_535:
+            raise IngestError(f"receive_maximum must be 1..65535, got {receive_maximum}")
+        self.receive_maximum = min(queue_max, receive_maximum)
         self._stop = threading.Event()
         self._subscribed = threading.Event()
         self._lock = threading.Lock()

@@ -352,3 +352,13 @@ def test_a_clean_session_manager_still_loses_what_it_had_not_written(
             time.sleep(2)
             assert ing.wait_idle() and ing.stats()["received"] == 0
         assert store.count(schema.metrics) == 200
+
+
+def test_receive_maximum_out_of_range_is_refused(tmp_path: Path) -> None:
+    from fleet.ingest import IngestError
+
+    with Store(tmp_path / "fleet.db") as store:
+        for bad in (0, 65_536):
+            with pytest.raises(IngestError, match=r"receive_maximum must be 1\.\.65535"):
+                Ingestor(store, broker_url="mqtt://127.0.0.1:1", receive_maximum=bad)
+        assert Ingestor(store, broker_url="mqtt://127.0.0.1:1", queue_max=100).receive_maximum == 100

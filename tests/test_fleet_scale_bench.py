@@ -116,8 +116,9 @@ def test_fuzz_bench_accounts_for_every_payload(tmp_path: Path, mosquitto: None) 
 
 @pytest.mark.broker
 def test_fuzz_bench_fails_when_the_broker_drops_messages(tmp_path: Path, mosquitto: None) -> None:
-    """With mosquitto allowed to queue one message for the manager, it drops most of a burst: the
-    bench must notice the payloads nobody accounted for and exit 1."""
+    """With mosquitto allowed to queue one message for the manager and the manager taking 20 in flight
+    (it acknowledges only after each commit), the broker drops most of a burst: the bench must notice the
+    payloads nobody accounted for and exit 1."""
     rc, result, output = run_bench(
         "fleet_fuzz",
         tmp_path,
@@ -127,6 +128,8 @@ def test_fuzz_bench_fails_when_the_broker_drops_messages(tmp_path: Path, mosquit
         "1",
         "--broker-queue",
         "1",
+        "--receive-maximum",
+        "20",
         "--settle-s",
         "2",
     )
