@@ -244,6 +244,40 @@ def _client_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _broker_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="mqtt[s]://[USER@]HOST[:PORT]")
+    p.add_argument("--broker-user", default=None, help="broker user name (when not in the URL)")
+    p.add_argument("--broker-password-file", type=Path, default=None)
+    p.add_argument("--broker-password-env", default=None, help="environment variable holding the password")
+    p.add_argument("--ca-file", type=Path, default=None, help="CA certificate of an mqtts:// broker")
+
+
+def _cmd_leave(args: argparse.Namespace) -> int:
+    from agent.mqtt import resolve_address
+    from fleet.ingest import discard_session
+
+    broker = resolve_address(
+        args.broker,
+        username=args.broker_user,
+        password_file=args.broker_password_file,
+        password_env=args.broker_password_env,
+        ca_file=args.ca_file,
+    )
+    discard_session(broker, args.client_id)
+    print(f"discarded the broker session of {args.client_id} on {broker.url}")
+    return 0
+
+
+def _leave_parser(fleet_sub: Any) -> None:
+    leave = fleet_sub.add_parser(
+        "leave",
+        help="end the broker session of a manager retired for good (fleet serve keeps one while it is down)",
+    )
+    leave.add_argument("--client-id", required=True, help="the retired manager's --client-id")
+    _broker_options(leave)
+    leave.set_defaults(func=_cmd_leave)
+
+
 def _serve_parser(fleet_sub: Any) -> None:
     serve = fleet_sub.add_parser("serve", help="ingestion + rollouts + HTTP API and dashboard in one process")
     serve.add_argument(
@@ -251,13 +285,7 @@ def _serve_parser(fleet_sub: Any) -> None:
         default=None,
         help="sqlite:///PATH, a file path, or postgresql+psycopg://USER@HOST/DB (default DATA_DIR/fleet.db)",
     )
-    serve.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="mqtt[s]://[USER@]HOST[:PORT]")
-    serve.add_argument("--broker-user", default=None, help="broker user name (when not in the URL)")
-    serve.add_argument("--broker-password-file", type=Path, default=None)
-    serve.add_argument(
-        "--broker-password-env", default=None, help="environment variable holding the password"
-    )
-    serve.add_argument("--ca-file", type=Path, default=None, help="CA certificate of an mqtts:// broker")
+    _broker_options(serve)
     serve.add_argument(
         "--data-dir", type=Path, default=Path("fleet-data"), help="bundles and updates (default ./fleet-data)"
     )
@@ -338,6 +366,7 @@ def add_fleet_parser(sub: Any) -> None:
     fleet_sub = p.add_subparsers(dest="fleet_command", required=True, metavar="COMMAND")
 
     _serve_parser(fleet_sub)
+    _leave_parser(fleet_sub)
     _provision_parser(fleet_sub)
 
     devices = fleet_sub.add_parser("devices", help="list the registered devices")

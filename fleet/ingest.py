@@ -31,7 +31,14 @@ from agent.errors import ContractError, UserError
 from agent.mqtt import BrokerAddress, make_client, parse_broker_url
 from fleet.store import Store
 
-__all__ = ["DEVICE_CHANNELS", "IngestError", "Ingestor", "classify_reject", "shared_filters"]
+__all__ = [
+    "DEVICE_CHANNELS",
+    "IngestError",
+    "Ingestor",
+    "classify_reject",
+    "discard_session",
+    "shared_filters",
+]
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +109,36 @@ def classify_reject(exc: ContractError) -> str:
     if "arrived on the topic of" in text:
         return "wrong_device"
     return "invalid"
+
+
+def discard_session(address: BrokerAddress, client_id: str, *, timeout_s: float = 10.0) -> None:
+    """End the broker session a manager kept under ``client_id`` (``session_expiry_s > 0``), so the broker
+    stops routing a share of the group's traffic into it: connect with that id and a clean start, which
+    discards the old session, then disconnect with a session expiry of 0. For a manager retired for good;
+    a running manager with the same id is disconnected by the broker (session takeover)."""
+    connected = threading.Event()
+    refused: list[str] = []
+    client = make_client(client_id, address)
+
+    def on_connect(c: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if reason.is_failure:
+            refused.append(str(reason))
+        connected.set()
+
+    client.on_connect = on_connect
+    try:
+        client.connect(address.host, address.port, keepalive=15, clean_start=True)
+    except OSError as exc:
+        raise IngestError(f"cannot connect to the broker at {address.host}:{address.port}: {exc}") from exc
+    client.loop_start()
+    try:
+        if not connected.wait(timeout_s):
+            raise IngestError(f"no CONNACK from the broker within {timeout_s}s")
+        if refused:
+            raise IngestError(f"the broker refused {client_id!r}: {refused[0]}")
+    finally:
+        client.disconnect()
+        client.loop_stop()
 
 
 class Ingestor:

@@ -362,3 +362,49 @@ def test_receive_maximum_out_of_range_is_refused(tmp_path: Path) -> None:
             with pytest.raises(IngestError, match=r"receive_maximum must be 1\.\.65535"):
                 Ingestor(store, broker_url="mqtt://127.0.0.1:1", receive_maximum=bad)
         assert Ingestor(store, broker_url="mqtt://127.0.0.1:1", queue_max=100).receive_maximum == 100
+
+
+def test_fleet_leave_ends_the_session_of_a_retired_manager(tmp_path: Path, broker: MosquittoBroker) -> None:
+    """A cleanly stopped manager's kept session goes on taking its share of the group's traffic (here
+    about half) until `edgeprune fleet leave` ends it; then the remaining manager receives everything."""
+    import subprocess
+    import sys
+
+    received = {}
+    with Store(tmp_path / "fleet.db") as store:
+        for retire in (False, True):
+            group, fleet = f"leave-{retire}", f"leave-{str(retire).lower()}"
+            Ingestor(
+                store,
+                broker_url=broker.url,
+                fleet=fleet,
+                group=group,
+                client_id=f"old-{retire}",
+                session_expiry_s=300,
+            ).start().stop()
+            if retire:
+                cmd = ["fleet", "leave", "--client-id", "old-True", "--broker", broker.url]
+                out = subprocess.run(
+                    [sys.executable, "-m", "edgeprune.cli", *cmd],
+                    check=False,
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                    cwd=Path(__file__).resolve().parents[1],
+                )
+                assert out.returncode == 0, out.stderr
+                assert out.stdout.startswith("discarded the broker session of old-True on mqtt://")
+            with Ingestor(
+                store, broker_url=broker.url, fleet=fleet, group=group, client_id=f"new-{retire}"
+            ) as ing:
+                sent = [metrics(f"{fleet}-{i % 5}", i) for i in range(100)]
+                publish_all(
+                    broker,
+                    [(device_topic(fleet, m.device_id, "metrics"), m.to_json().encode()) for m in sent],
+                    f"pub-{fleet}",
+                )
+                time.sleep(1.0)
+                assert ing.wait_idle()
+                received[retire] = ing.stats()["received"]
+    assert received[True] == 100
+    assert received[False] < 100  # the kept session took its share
