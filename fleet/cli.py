@@ -33,7 +33,6 @@ class FleetClientError(UserError):
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from agent.cli import DEFAULT_PUBLIC_KEY
-    from agent.mqtt import resolve_address
     from fleet.server import FleetServer, ServeConfig, parse_http
 
     host, port = parse_http(args.http)
@@ -45,13 +44,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     public_key = args.public_key
     if public_key is None and DEFAULT_PUBLIC_KEY.is_file():
         public_key = DEFAULT_PUBLIC_KEY
-    broker = resolve_address(
-        args.broker,
-        username=args.broker_user,
-        password_file=args.broker_password_file,
-        password_env=args.broker_password_env,
-        ca_file=args.ca_file,
-    )
+    broker = _broker_address(args)
     data_dir: Path = args.data_dir
     config = ServeConfig(
         db=args.db or str(data_dir / "fleet.db"),
@@ -252,17 +245,23 @@ def _broker_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ca-file", type=Path, default=None, help="CA certificate of an mqtts:// broker")
 
 
-def _cmd_leave(args: argparse.Namespace) -> int:
+def _broker_address(args: argparse.Namespace) -> Any:
+    """The broker of :func:`_broker_options`, credentials and CA file resolved."""
     from agent.mqtt import resolve_address
-    from fleet.ingest import discard_session
 
-    broker = resolve_address(
+    return resolve_address(
         args.broker,
         username=args.broker_user,
         password_file=args.broker_password_file,
         password_env=args.broker_password_env,
         ca_file=args.ca_file,
     )
+
+
+def _cmd_leave(args: argparse.Namespace) -> int:
+    from fleet.ingest import discard_session
+
+    broker = _broker_address(args)
     discard_session(broker, args.client_id)
     print(f"discarded the broker session of {args.client_id} on {broker.url}")
     return 0

@@ -97,8 +97,7 @@ class _Gate(nn.Module):
         # (~100 us on the stem's 32x28x28 map) between two delegate calls
         pooled = h.mean(dim=(2, 3), keepdim=True).flatten(1)
         if self.mapped:
-            raw = budget_shift(budget, self.starts, self.spans, self.slopes, self.base)
-            return (self.linear(pooled) + raw * cost).argmax(dim=1)
+            budget = budget_shift(budget, self.starts, self.spans, self.slopes, self.base)
         return (self.linear(pooled) + budget * cost).argmax(dim=1)
 
 

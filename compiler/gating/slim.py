@@ -32,11 +32,13 @@ from compiler.reference import ReferenceNet
 __all__ = [
     "BUDGET_SCALE",
     "DEFAULT_FRACTIONS",
+    "BudgetMap",
     "GatingError",
     "SlimBlock",
     "SlimNet",
     "budget_shift",
     "gating_parts",
+    "map_tensors",
     "order_channels",
     "width_choices",
 ]
@@ -234,8 +236,7 @@ class SlimNet(nn.Module):
             torch.tensor([w / b.widths[-1] for w in b.widths], dtype=torch.float32) for b in self.blocks
         ]
         self.block_macs, self.fixed_macs = self._count_macs(example)
-        # None while training: the raw budget goes to the gates as is (see the module docstring)
-        self.budget_map: BudgetMap | None = None
+        self.budget_map = None  # while training the raw budget goes to the gates as is
         total = sum(m[-1] for m in self.block_macs)
         # Share of the gated blocks' full MACs each width costs: the compute penalty's unit.
         self.mac_share = [torch.tensor(m, dtype=torch.float32) / total for m in self.block_macs]
@@ -282,11 +283,19 @@ class SlimNet(nn.Module):
         out: torch.Tensor = self.head(h)
         return out
 
+    @property
+    def budget_map(self) -> BudgetMap | None:
+        """The calibrated budget map (see the module docstring); ``None``: the raw budget as is."""
+        return self._budget_map
+
+    @budget_map.setter
+    def budget_map(self, knots: BudgetMap | None) -> None:
+        self._budget_map = knots
+        self._map = None if knots is None else map_tensors(knots)  # built once, not per gate call
+
     def raw_budget(self, budget: float | torch.Tensor) -> float | torch.Tensor:
         """``budget`` through :attr:`budget_map` (unchanged when there is none)."""
-        if self.budget_map is None:
-            return budget
-        return budget_shift(budget, *map_tensors(self.budget_map))
+        return budget if self._map is None else budget_shift(budget, *self._map)
 
     def scores(self, i: int, h: torch.Tensor, budget: float | torch.Tensor) -> torch.Tensor:
         """Gate ``i``'s scores for input ``h``: ``gate(mean(h)) + BUDGET_SCALE * raw_budget * cost``."""
