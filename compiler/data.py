@@ -167,13 +167,19 @@ def load_splits(data: str | Path) -> Splits:
 
 
 def augment(x: torch.Tensor, generator: torch.Generator, *, pad: int = 2, flip: bool = True) -> torch.Tensor:
-    """Random translation by up to ``pad`` pixels and random horizontal flips, per sample."""
-    n, _, h, w = x.shape
+    """Random translation by up to ``pad`` pixels and random horizontal flips, per sample.
+
+    The random draws come from ``generator`` (on the CPU) whatever device ``x`` is on, so a seed gives the
+    same batches on a CPU and a GPU; the crops are two gathers, not a loop over samples."""
+    n, c, h, w = x.shape
     padded = F.pad(x, (pad, pad, pad, pad), mode="replicate")
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-    out = torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
+    rows = dy[:, None] + torch.arange(h, device=x.device)
+    cols = dx[:, None] + torch.arange(w, device=x.device)
+    out = padded.gather(2, rows[:, None, :, None].expand(n, c, h, w + 2 * pad))
+    out = out.gather(3, cols[:, None, None, :].expand(n, c, h, w))
     if flip:
-        mask = torch.rand(n, generator=generator) < 0.5
+        mask = (torch.rand(n, generator=generator) < 0.5).to(x.device)
         out = torch.where(mask.view(n, 1, 1, 1), out.flip(3), out)
     return out

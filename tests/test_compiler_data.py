@@ -68,3 +68,19 @@ def test_augment_keeps_shape_and_is_seeded() -> None:
     a = augment(x, torch.Generator().manual_seed(0))
     b = augment(x, torch.Generator().manual_seed(0))
     assert a.shape == x.shape and torch.equal(a, b) and not torch.equal(a, x)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_augment_is_a_shifted_crop_of_the_replicate_padded_image_then_maybe_a_flip(channels: int) -> None:
+    """Each output is the input moved by (dy, dx) in [-2, 2] with edge pixels repeated, then possibly
+    mirrored: checked sample by sample against that definition, with the same random draws."""
+    x = torch.randn(64, channels, 28, 28)
+    out = augment(x, torch.Generator().manual_seed(5))
+    gen = torch.Generator().manual_seed(5)  # the same draws, in augment's order: dx, dy, flips
+    dx, dy = torch.randint(0, 5, (64,), generator=gen), torch.randint(0, 5, (64,), generator=gen)
+    flips = torch.rand(64, generator=gen) < 0.5
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="replicate")
+    for i in range(64):
+        want = padded[i, :, dy[i] : dy[i] + 28, dx[i] : dx[i] + 28]
+        assert torch.equal(out[i], want.flip(2) if flips[i] else want), i
+    assert 0 < int(flips.sum()) < 64 and len(set(zip(dx.tolist(), dy.tolist(), strict=True))) > 5

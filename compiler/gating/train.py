@@ -49,6 +49,7 @@ class GateTrainConfig:
     kd_temperature: float = 4.0
     seed: int = 0
     precision: str = field(default_factory=default_precision)  # the shared-width step only
+    augment: bool = False  # random shifts and flips, as in TrainConfig (off: see its docstring)
 
 
 def _kd(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -74,7 +75,8 @@ def _batches(
             if done >= steps:
                 return
             idx = order[i : i + config.batch_size]
-            yield augment(data.x[idx], gen), data.y[idx]
+            x = data.x[idx]
+            yield (augment(x, gen) if config.augment else x), data.y[idx]
             done += 1
 
 
