@@ -45,6 +45,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         out=args.out,
         model=args.model,
         epochs=args.epochs,
+        gated=args.gated,
         min_run_s=args.min_run,
     )
     return 0
@@ -276,7 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, default=Path("out/demo"), help="bundles, keys, fleet database and plots go here"
     )
     demo.add_argument("--model", default="reference", help="model to compile (default reference)")
-    demo.add_argument("--epochs", type=float, default=None, help="dense training epochs (default 12)")
+    demo.add_argument("--epochs", type=float, default=None, help="dense training epochs (default 5)")
+    demo.add_argument(
+        "--gated",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="compile the input-dependent gated variant too (default: yes for the reference model)",
+    )
     demo.add_argument(
         "--min-run",
         type=float,

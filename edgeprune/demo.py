@@ -58,9 +58,10 @@ def _say(text: str) -> None:
 
 
 def _ensure_bundle(
-    *, out: Path, data_root: Path | None, model: str, epochs: float | None
+    *, out: Path, data_root: Path | None, model: str, epochs: float | None, gated: bool
 ) -> tuple[Path, Path]:
-    """The demo's bundle and public key under ``out``: reused when present and intact, else compiled."""
+    """The demo's bundle and public key under ``out``: reused when present and intact, else compiled
+    (with the gated variant when ``gated``)."""
     from agent.bundle import BundleError, open_bundle
     from agent.signing import generate_keys, load_public_key
     from compiler.pipeline import CompileOptions, compile_bundle
@@ -79,8 +80,10 @@ def _ensure_bundle(
         except (BundleError, UserError) as exc:
             print(f"    {bundle} is unusable ({exc}); compiling it again")
     print(
-        "    the first run trains the dense model (about 15-30 minutes on 2 cores); later runs reuse the\n"
-        "    cached checkpoint, and a complete bundle is reused as is"
+        "    the first run trains the dense model, the pruned ladder"
+        + (" and the gated variant" if gated else "")
+        + " (about 15 minutes on 2 fast\n    cores, up to an hour on slow ones); later runs reuse the cached"
+        " checkpoints, and a complete bundle is reused as is"
     )
     train = TrainConfig() if epochs is None else TrainConfig(epochs=epochs)
     compile_bundle(
@@ -90,6 +93,7 @@ def _ensure_bundle(
             model=model,
             data=str(data_root) if data_root else "fashion-mnist",
             train=train,
+            gated=gated,
             force=True,
         )
     )
@@ -356,7 +360,9 @@ class _Bundles:
     full_bytes: int
 
 
-def _prepare(*, data_root: Path | None, out: Path, model: str, epochs: float | None) -> tuple[Any, _Bundles]:
+def _prepare(
+    *, data_root: Path | None, out: Path, model: str, epochs: float | None, gated: bool
+) -> tuple[Any, _Bundles]:
     """Load the test split, compile (or reuse) v1 and make v2."""
     from agent.bundle import open_bundle
     from agent.signing import load_public_key
@@ -370,7 +376,7 @@ def _prepare(*, data_root: Path | None, out: Path, model: str, epochs: float | N
     )
 
     _step(f"compiling the {model} bundle into {out / 'bundle'}")
-    bundle, public = _ensure_bundle(out=out, data_root=data_root, model=model, epochs=epochs)
+    bundle, public = _ensure_bundle(out=out, data_root=data_root, model=model, epochs=epochs, gated=gated)
     key = load_public_key(public)
     manifest = open_bundle(bundle, public_key=key)
     _say(
@@ -528,6 +534,7 @@ def run_demo(
     out: Path,
     model: str = "reference",
     epochs: float | None = None,
+    gated: bool | None = None,
     timeout_s: float = 180.0,
     min_run_s: float = 40.0,
     speedup: float = 1000.0,
@@ -546,7 +553,9 @@ def run_demo(
         "simulated fleet whose agents step down the variants as their batteries drain, and a staged\n"
         "rollout of a new bundle version, shipped as a delta, behind health gates.\n"
     )
-    test, b = _prepare(data_root=data_root, out=out, model=model, epochs=epochs)
+    if gated is None:  # the reference model has gates; a user model may not (--gated asks anyway)
+        gated = model == "reference"
+    test, b = _prepare(data_root=data_root, out=out, model=model, epochs=epochs, gated=gated)
     o = _run_fleet(
         test,
         b,
