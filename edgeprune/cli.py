@@ -281,8 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--gated",
         action=argparse.BooleanOptionalAction,
-        default=None,
-        help="compile the input-dependent gated variant too (default: yes for the reference model)",
+        default=False,
+        help="compile the input-dependent gated variant too (default: no)",
     )
     demo.add_argument(
         "--min-run",

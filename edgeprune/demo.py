@@ -534,7 +534,7 @@ def run_demo(
     out: Path,
     model: str = "reference",
     epochs: float | None = None,
-    gated: bool | None = None,
+    gated: bool = False,
     timeout_s: float = 180.0,
     min_run_s: float = 40.0,
     speedup: float = 1000.0,
@@ -553,8 +553,6 @@ def run_demo(
         "simulated fleet whose agents step down the variants as their batteries drain, and a staged\n"
         "rollout of a new bundle version, shipped as a delta, behind health gates.\n"
     )
-    if gated is None:  # the reference model has gates; a user model may not (--gated asks anyway)
-        gated = model == "reference"
     test, b = _prepare(data_root=data_root, out=out, model=model, epochs=epochs, gated=gated)
     o = _run_fleet(
         test,
