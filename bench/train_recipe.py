@@ -85,11 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     for epochs in args.epochs:
         for aug in augments:
             rows = [r for r in runs if r["epochs"] == epochs and r["augment"] == aug]
-            accs = [float(r["accuracy"]) for r in rows]
-            secs = statistics.median(float(r["seconds"]) for r in rows)
-            table.append({"epochs": epochs, "augment": aug, "mean_accuracy": statistics.mean(accs)})
-            per_seed = " ".join(f"{a:.2%}" for a in accs)
+            accs = [r["accuracy"] for r in rows]
+            secs = statistics.median(r["seconds"] for r in rows)
             mean = statistics.mean(accs)
+            table.append({"epochs": epochs, "augment": aug, "mean_accuracy": mean})
+            per_seed = " ".join(f"{a:.2%}" for a in accs)
             print(f"{epochs:6g} {'on' if aug else 'off':>8} {mean:16.2%} {per_seed:>24} {secs:10.0f}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(

@@ -82,7 +82,7 @@ def _ensure_bundle(
     print(
         "    the first run trains the dense model, the pruned ladder"
         + (" and the gated variant" if gated else "")
-        + " (about 15 minutes on 2 fast\n    cores, up to an hour on slow ones); later runs reuse the cached"
+        + " (9-15 minutes on 2 fast cores,\n    45-90 on a slow AVX2-only CPU); later runs reuse the cached"
         " checkpoints, and a complete bundle is reused as is"
     )
     train = TrainConfig() if epochs is None else TrainConfig(epochs=epochs)
