@@ -172,8 +172,11 @@ def resolve_address(
     )
 
 
-def make_client(client_id: str, address: BrokerAddress | None = None) -> mqtt.Client:
-    """A paho client with the v2 callback API and MQTT v5, not yet connected.
+def make_client(
+    client_id: str, address: BrokerAddress | None = None, *, cls: type[mqtt.Client] = mqtt.Client
+) -> mqtt.Client:
+    """A paho client (``cls``, a subclass of paho's ``Client`` if given) with the v2 callback API and
+    MQTT v5, not yet connected.
 
     With an ``address``, its credentials and TLS settings are applied: ``username_pw_set`` when it
     names a user, ``tls_set`` with its CA file (or the system's CAs) when it is ``mqtts``; the server's
@@ -182,7 +185,7 @@ def make_client(client_id: str, address: BrokerAddress | None = None) -> mqtt.Cl
     >>> make_client("pi-01", parse_broker_url("mqtt://pi-01:pw@127.0.0.1")).username
     'pi-01'
     """
-    client = mqtt.Client(
+    client = cls(
         callback_api_version=CallbackAPIVersion.VERSION2,
         client_id=client_id,
         protocol=mqtt.MQTTv5,

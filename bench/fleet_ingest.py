@@ -8,7 +8,11 @@ same messages are also pushed through each stage alone: the broker alone (the sa
 subscriber that only counts), contract parsing only (``parse_message``, one process), and store writes
 only (``Store.ingest`` of parsed batches, no broker).
 
-    python bench/fleet_ingest.py --messages 20000 --publishers 2 --ingestors 1
+``--client`` picks the manager's MQTT client, and runs each one named side by side: ``batching`` (the
+default, :class:`fleet.mqttclient.BatchingClient`: chunked reads, a fast PUBLISH decoder, one write
+per batch of PUBACKs) and ``paho`` (paho's plain ``Client``, one PUBACK per message).
+
+    python bench/fleet_ingest.py --messages 60000 --devices 20000 --publishers 2 --ingestors 2
     python bench/fleet_ingest.py --pg postgresql+psycopg://postgres@127.0.0.1:5432/test
 
 PostgreSQL: a database named ``edgeprune_bench_<random>`` is created from ``--pg`` and dropped after.
@@ -29,18 +33,21 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import paho.mqtt.client as mqtt
 import psutil
 
 from agent.contract import Metrics, Percentiles, Readings, device_topic, envelope, parse_message
 from agent.mqtt import make_client, parse_broker_url
 from fleet.broker import MosquittoBroker
 from fleet.ingest import Ingestor
+from fleet.mqttclient import BatchingClient
 from fleet.store import Store, schema
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _mqtt_raw import BlockingPublisher
 
 FLEET = "bench"
+CLIENTS = {"batching": BatchingClient, "paho": mqtt.Client}
 
 
 def payloads(start: int, n: int, devices: int) -> list[tuple[str, bytes]]:
@@ -88,28 +95,46 @@ def _publisher(
     raw.close()
 
 
-def _ingestor(*, db: str, broker_url: str, group: str, batch: int, ready: Any, stop: Any) -> None:
+def _ingestor(
+    *, db: str, broker_url: str, group: str, batch: int, ready: Any, stop: Any, client: str = "batching"
+) -> None:
     with Store(db, migrate_on_open=False) as store:
-        ing = Ingestor(store, broker_url=broker_url, fleet=FLEET, group=group, batch_max=batch)
+        ing = Ingestor(
+            store,
+            broker_url=broker_url,
+            fleet=FLEET,
+            group=group,
+            batch_max=batch,
+            client_class=CLIENTS[client],
+        )
         ing.start()
         ready.put(os.getpid())
         stop.wait()
         ing.stop()
 
 
-def _counter(*, broker_url: str, group: str, total: int, ready: Any, done: Any) -> None:
-    """A bare paho subscriber in the same kind of share group that only counts: the broker + MQTT ceiling."""
+def _counter(*, broker_url: str, group: str, total: int, client: str, ready: Any, done: Any) -> None:
+    """A subscriber with the manager's MQTT client in the same kind of share group that only counts (and
+    acknowledges as the manager does: in batches with ``batching``): the broker + MQTT ceiling."""
     import threading
 
     from fleet.ingest import shared_filters
 
     address = parse_broker_url(broker_url)
-    client = make_client(f"bench-count-{uuid.uuid4().hex[:6]}")
+    client = make_client(f"bench-count-{uuid.uuid4().hex[:6]}", cls=CLIENTS[client])
+    batching = isinstance(client, BatchingClient)
+    client.manual_ack_set(batching)
     got = [0]
+    unacked: list[int] = []
     finished = threading.Event()
 
     def on_message(c: Any, userdata: Any, msg: Any) -> None:
         got[0] += 1
+        if batching:
+            unacked.append(msg.mid)
+            if len(unacked) >= 500 or got[0] >= total:
+                client.ack_many(unacked)
+                unacked.clear()
         if got[0] >= total:
             finished.set()
 
@@ -145,7 +170,7 @@ def _publishers(
     ]
 
 
-def broker_rate(broker: MosquittoBroker, args: argparse.Namespace) -> float:
+def broker_rate(broker: MosquittoBroker, args: argparse.Namespace, client: str) -> float:
     """Messages/s from the publishers to one subscriber that parses and stores nothing."""
     ctx = mp.get_context("spawn")
     ready, done, counted = ctx.Queue(), ctx.Queue(), ctx.Queue()
@@ -158,6 +183,7 @@ def broker_rate(broker: MosquittoBroker, args: argparse.Namespace) -> float:
             broker_url=broker.url,
             group=f"count-{uuid.uuid4().hex[:6]}",
             total=total,
+            client=client,
             ready=ready,
             done=counted,
         ),
@@ -185,7 +211,7 @@ def _cpu_s(pids: list[int]) -> float:
     return total
 
 
-def live_rate(db: str, broker: MosquittoBroker, args: argparse.Namespace) -> dict[str, Any]:
+def live_rate(db: str, broker: MosquittoBroker, args: argparse.Namespace, client: str) -> dict[str, Any]:
     Store(db).close()  # migrate once, before the processes start
     ctx = mp.get_context("spawn")
     ready, done = ctx.Queue(), ctx.Queue()
@@ -194,7 +220,15 @@ def live_rate(db: str, broker: MosquittoBroker, args: argparse.Namespace) -> dic
     ingestors = [
         ctx.Process(
             target=_ingestor,
-            kwargs=dict(db=db, broker_url=broker.url, group=group, batch=args.batch, ready=ready, stop=stop),
+            kwargs=dict(
+                db=db,
+                broker_url=broker.url,
+                group=group,
+                batch=args.batch,
+                client=client,
+                ready=ready,
+                stop=stop,
+            ),
         )
         for _ in range(args.ingestors)
     ]
@@ -296,19 +330,84 @@ class PgDatabases:
         self.engine.dispose()
 
 
+def print_report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """Print the tables (adds ``cores_for_20k`` to each result); return the batching/paho ratios."""
+    print()
+    print(
+        f"{args.messages} Metrics messages, {args.devices} devices, {args.publishers} publisher processes, "
+        f"{args.ingestors} ingestor process(es), batches of {args.batch}, {os.cpu_count()} CPUs"
+    )
+    header = (
+        f"{'store (client)':20} {'stored msg/s':>13} {'published msg/s':>16} {'broker only/s':>14} "
+        f"{'parse only/s':>13} {'store only/s':>13}"
+    )
+    print(header)
+    print("-" * len(header))
+    for name, r in results.items():
+        print(
+            f"{name:20} {r['stored_per_s']:13,.0f} {r['published_per_s']:16,.0f} "
+            f"{r['broker_only_per_s']:14,.0f} "
+            f"{r['parse_only_per_s']:13,.0f} {r['store_only_per_s']:13,.0f}"
+        )
+    print()
+    print("CPU time per stored message during the live run (microseconds), and what it allows:")
+    header = (
+        f"{'store (client)':20} {'manager':>8} {'broker':>7} {'database':>9} {'publishers':>11} {'total':>7} "
+        f"{'msg/s per core':>15} {'cores for 20k/s':>16}"
+    )
+    print(header)
+    print("-" * len(header))
+    for name, r in results.items():
+        c = r["cpu_us_per_msg"]
+        total = sum(c.values())
+        r["cores_for_20k"] = total * 20000 / 1e6
+        print(
+            f"{name:20} {c['manager']:8.1f} {c['broker']:7.1f} {c['database']:9.1f} {c['publishers']:11.1f} "
+            f"{total:7.1f} {1e6 / total:15,.0f} {r['cores_for_20k']:16.2f}"
+        )
+    ratios = {}
+    for name, r in results.items():
+        plain = results.get(f"{name} (paho)")
+        if r["client"] == "batching" and plain is not None:
+            ratios[name] = {
+                "stored_per_s": r["stored_per_s"] / plain["stored_per_s"],
+                "manager_cpu_per_msg": r["cpu_us_per_msg"]["manager"] / plain["cpu_us_per_msg"]["manager"],
+            }
+    if ratios:
+        print()
+        print("batching client / paho's plain client, same run:")
+        for name, q in ratios.items():
+            print(
+                f"  {name}: stored msg/s x{q['stored_per_s']:.2f}, "
+                f"manager CPU per message x{q['manager_cpu_per_msg']:.2f}"
+            )
+    return ratios
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--messages", type=int, default=20000)
-    parser.add_argument("--devices", type=int, default=1000)
+    parser.add_argument("--messages", type=int, default=60000)
+    parser.add_argument(
+        "--devices",
+        type=int,
+        default=20000,
+        help="devices the messages come from; with few, a batch holds each device many times and folds "
+        "its registry updates into one, which a real fleet (a message per device every 10 s) rarely does",
+    )
     parser.add_argument("--publishers", type=int, default=2)
     parser.add_argument("--ingestors", type=int, default=1)
-    parser.add_argument("--batch", type=int, default=500)
+    parser.add_argument("--batch", type=int, default=2000, help="the ingestors' batch_max (their default)")
     parser.add_argument(
         "--paho-publishers",
         action="store_true",
         help="publish with paho clients instead of raw-socket ones (paho costs ~10x the CPU per message)",
+    )
+    parser.add_argument(
+        "--client",
+        default="batching,paho",
+        help="the manager's MQTT client(s), side by side: batching (the default one), paho (plain)",
     )
     parser.add_argument("--timeout", type=float, default=120.0, help="give up waiting for the store after")
     parser.add_argument(
@@ -316,6 +415,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", type=Path, default=Path("out/bench-fleet-ingest.json"))
     args = parser.parse_args(argv)
+    clients = [c.strip() for c in args.client.split(",") if c.strip()]
+    if not clients or any(c not in CLIENTS for c in clients):
+        parser.error(f"--client takes a comma-separated list of {', '.join(CLIENTS)}, got {args.client!r}")
 
     items = payloads(0, min(args.messages, 20000), args.devices)
     results: dict[str, dict[str, Any]] = {}
@@ -331,56 +433,29 @@ def main(argv: list[str] | None = None) -> int:
             if pg is not None:
                 backends.append(("postgresql", pg.new))
             parse = parse_rate(items)
-            print("==> broker alone: publishers to a subscriber that only counts", flush=True)
-            mqtt_only = broker_rate(broker, args)
+            mqtt_only = {}
+            for client in clients:
+                print(f"==> broker alone: publishers to a {client} subscriber that only counts", flush=True)
+                mqtt_only[client] = broker_rate(broker, args, client)
             for name, fresh in backends:
                 print(f"==> {name}: store writes alone", flush=True)
                 writes = store_rate(fresh(), items, args.batch)
-                print(f"==> {name}: live ingestion through the broker", flush=True)
-                live = live_rate(fresh(), broker, args)
-                results[name] = {
-                    "parse_only_per_s": parse,
-                    "store_only_per_s": writes,
-                    "broker_only_per_s": mqtt_only,
-                    **live,
-                }
+                for client in clients:
+                    print(f"==> {name}: live ingestion through the broker, {client} client", flush=True)
+                    live = live_rate(fresh(), broker, args, client)
+                    key = name if client == "batching" else f"{name} ({client})"
+                    results[key] = {
+                        "client": client,
+                        "parse_only_per_s": parse,
+                        "store_only_per_s": writes,
+                        "broker_only_per_s": mqtt_only[client],
+                        **live,
+                    }
     finally:
         if pg is not None:
             pg.close()
 
-    print()
-    print(
-        f"{args.messages} Metrics messages, {args.devices} devices, {args.publishers} publisher processes, "
-        f"{args.ingestors} ingestor process(es), batches of {args.batch}, {os.cpu_count()} CPUs"
-    )
-    header = (
-        f"{'store':12} {'stored msg/s':>13} {'published msg/s':>16} {'broker only/s':>14} "
-        f"{'parse only/s':>13} {'store only/s':>13}"
-    )
-    print(header)
-    print("-" * len(header))
-    for name, r in results.items():
-        print(
-            f"{name:12} {r['stored_per_s']:13,.0f} {r['published_per_s']:16,.0f} "
-            f"{r['broker_only_per_s']:14,.0f} "
-            f"{r['parse_only_per_s']:13,.0f} {r['store_only_per_s']:13,.0f}"
-        )
-    print()
-    print("CPU time per stored message during the live run (microseconds), and what it allows:")
-    header = (
-        f"{'store':12} {'manager':>8} {'broker':>7} {'database':>9} {'publishers':>11} {'total':>7} "
-        f"{'msg/s per core':>15} {'cores for 20k/s':>16}"
-    )
-    print(header)
-    print("-" * len(header))
-    for name, r in results.items():
-        c = r["cpu_us_per_msg"]
-        total = sum(c.values())
-        r["cores_for_20k"] = total * 20000 / 1e6
-        print(
-            f"{name:12} {c['manager']:8.1f} {c['broker']:7.1f} {c['database']:9.1f} {c['publishers']:11.1f} "
-            f"{total:7.1f} {1e6 / total:15,.0f} {r['cores_for_20k']:16.2f}"
-        )
+    ratios = print_report(results, args)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(
         json.dumps(
@@ -390,6 +465,7 @@ def main(argv: list[str] | None = None) -> int:
                 },
                 "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
                 "results": results,
+                "batching_over_paho": ratios,
             },
             indent=2,
         )

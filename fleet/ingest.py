@@ -29,6 +29,7 @@ from sqlalchemy.exc import TimeoutError as SATimeoutError
 from agent.contract import CHANNELS, Channel, Message, parse_message, parse_topic, subscription
 from agent.errors import ContractError, UserError
 from agent.mqtt import BrokerAddress, make_client, parse_broker_url
+from fleet.mqttclient import BatchingClient
 from fleet.store import Store
 
 __all__ = [
@@ -149,6 +150,10 @@ class Ingestor:
     (:func:`agent.contract.parse_message`), counts and logs rejects, and writes up to ``batch_max``
     messages or ``batch_interval_s`` worth per transaction.
 
+    The MQTT client is a :class:`fleet.mqttclient.BatchingClient` (paho's, reading in chunks, decoding
+    PUBLISH packets in a fast path and acknowledging a batch in one write; about 40% less CPU per
+    message, docs/fleet.md); ``client_class=paho.mqtt.client.Client`` uses paho's plain client.
+
     A message is acknowledged (PUBACK) only once the transaction holding it has committed, or it has been
     counted as a reject. With ``session_expiry_s > 0`` and a ``client_id`` that stays the same across
     restarts, the broker keeps this manager's session while it is gone and redelivers what was received
@@ -165,13 +170,14 @@ class Ingestor:
         fleet: str | None = None,
         group: str = "edgeprune-fleet",
         client_id: str | None = None,
-        batch_max: int = 500,
+        batch_max: int = 2000,
         batch_interval_s: float = 0.2,
         queue_max: int = 200_000,
         keepalive_s: int = 15,
         resync_s: float = 3.0,
         session_expiry_s: int = 0,
         receive_maximum: int = 65_535,
+        client_class: type[mqtt.Client] = BatchingClient,
     ) -> None:
         self.store = store
         self.address = parse_broker_url(broker_url) if isinstance(broker_url, str) else broker_url
@@ -201,7 +207,7 @@ class Ingestor:
         self.write_failures = 0
         self.resynced = 0
         self._thread: threading.Thread | None = None
-        self.client = make_client(self.client_id, self.address)
+        self.client = make_client(self.client_id, self.address, cls=client_class)
         self.client.manual_ack_set(True)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
@@ -365,11 +371,15 @@ class Ingestor:
                     self._queue.task_done()
 
     def _ack(self, handled: list[_Item]) -> None:
-        """PUBACK the messages that are committed or counted as rejects, never before."""
-        ack = self.client.ack
+        """PUBACK the messages that are committed or counted as rejects, never before (with a
+        :class:`BatchingClient`, in one write for the batch)."""
+        client = self.client
+        if isinstance(client, BatchingClient):
+            client.ack_many(mid for _topic, _payload, _at, mid, qos in handled if qos == 1)
+            handled = [item for item in handled if item[4] > 1]
         for _topic, _payload, _at, mid, qos in handled:
             if qos:
-                ack(mid, qos)
+                client.ack(mid, qos)
 
     def _write_with_retries(self, batch: list[_Item], *, attempts: int = 4) -> list[_Item]:
         """A database hiccup (restart, lock timeout) must not lose a batch: retry with backoff; a retried
