@@ -79,11 +79,17 @@ def _ensure_bundle(
             return bundle, public
         except (BundleError, UserError) as exc:
             print(f"    {bundle} is unusable ({exc}); compiling it again")
+    # measured on the reference model, 2 cores (docs/compiler.md, "Numbers")
+    took = (
+        "12 minutes on 2 fast cores with native bf16, about 90 on a slow AVX2-only CPU; --no-gated "
+        "halves that"
+        if gated
+        else "5.5 minutes on 2 fast cores with native bf16, about 47 on a slow AVX2-only CPU"
+    )
     print(
         "    the first run trains the dense model, the pruned ladder"
         + (" and the gated variant" if gated else "")
-        + " (9-15 minutes on 2 fast cores,\n    45-90 on a slow AVX2-only CPU); later runs reuse the cached"
-        " checkpoints, and a complete bundle is reused as is"
+        + f" ({took});\n    later runs reuse the cached checkpoints, and a complete bundle is reused as is"
     )
     train = TrainConfig() if epochs is None else TrainConfig(epochs=epochs)
     compile_bundle(
@@ -534,7 +540,7 @@ def run_demo(
     out: Path,
     model: str = "reference",
     epochs: float | None = None,
-    gated: bool = False,
+    gated: bool | None = None,
     timeout_s: float = 180.0,
     min_run_s: float = 40.0,
     speedup: float = 1000.0,
@@ -553,6 +559,8 @@ def run_demo(
         "simulated fleet whose agents step down the variants as their batteries drain, and a staged\n"
         "rollout of a new bundle version, shipped as a delta, behind health gates.\n"
     )
+    if gated is None:  # the reference model has gates; a user model may not (--gated asks anyway)
+        gated = model == "reference"
     test, b = _prepare(data_root=data_root, out=out, model=model, epochs=epochs, gated=gated)
     o = _run_fleet(
         test,

@@ -388,3 +388,51 @@ def test_gated_bundle_bench_times_every_budget_through_the_agent(
     dense = next(r for r in rows if r["variant"] == "dense")
     assert dense["onnx_speedup"] == dense["executorch_speedup"] == 1.0
     assert all(r["onnx_ms"] > 0 and r["executorch_ms"] > 0 for r in rows)
+
+
+@pytest.mark.broker
+@pytest.mark.export
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_demo_runs_its_fleet_and_rollout_on_a_gated_bundle(
+    gated_bundle: CompileResult, signing_keys: KeyPair, fixture_data_dir: Path, tmp_path: Path
+) -> None:
+    """`edgeprune demo --gated` end to end on a bundle with the gated variant (the module's compile,
+    handed to the demo as its bundle and key): every agent loads the gated segments, the fleet runs,
+    and the new version, gated segments included, rolls out as a delta to every device."""
+    import re
+    import shutil
+    import subprocess
+
+    out = tmp_path / "demo"
+    shutil.copytree(gated_bundle.out, out / "bundle")
+    (out / "keys").mkdir(parents=True)
+    shutil.copy(signing_keys.private, out / "keys" / "edgeprune.key")
+    shutil.copy(signing_keys.public, out / "keys" / "edgeprune.pub")
+    root = Path(__file__).resolve().parents[1]
+    exe = Path(sys.executable).parent / "edgeprune"
+    args = [str(exe), "demo", "--gated", "--data", str(fixture_data_dir), "--devices", "3"]
+    args += ["--out", str(out), "--min-run", "5"]
+    proc = subprocess.run(
+        args,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "reusing" in proc.stdout
+    bundle_line = next(line for line in proc.stdout.splitlines() if "signature verified" in line)
+    assert "gated (" in bundle_line, bundle_line
+    version = proc.stdout.split("==> making ")[1].split(":")[0]
+    assert "fleet manager: 3/3 devices registered" in proc.stdout
+    assert f"rollout completed: every device committed {version}" in proc.stdout
+    summary = proc.stdout.split("==> summary")[1]
+    rows = [line.split() for line in summary.splitlines() if line.startswith("    ") and "-000" in line]
+    assert len(rows) == 3 and all(row[5] == version for row in rows), summary
+    shipped = re.search(r"update shipped: ([\d,]+) bytes per device \(delta\) vs ([\d,]+) bytes", summary)
+    assert shipped, summary
+    delta_bytes, full_bytes = (int(g.replace(",", "")) for g in shipped.groups())
+    assert 0 < delta_bytes < full_bytes
