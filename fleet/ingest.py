@@ -152,7 +152,8 @@ class Ingestor:
 
     The MQTT client is a :class:`fleet.mqttclient.BatchingClient` (paho's, reading in chunks, decoding
     PUBLISH packets in a fast path and acknowledging a batch in one write: 25-50% less CPU per
-    message than paho's plain client, docs/fleet.md); ``client_class=paho.mqtt.client.Client`` uses paho's plain client.
+    message than paho's plain client, docs/fleet.md); ``client_class=paho.mqtt.client.Client`` uses
+    paho's plain client.
 
     A message is acknowledged (PUBACK) only once the transaction holding it has committed, or it has been
     counted as a reject. With ``session_expiry_s > 0`` and a ``client_id`` that stays the same across
