@@ -39,7 +39,7 @@ import psutil
 from agent.contract import Metrics, Percentiles, Readings, device_topic, envelope, parse_message
 from agent.mqtt import make_client, parse_broker_url
 from fleet.broker import MosquittoBroker
-from fleet.ingest import Ingestor
+from fleet.ingest import DEFAULT_BATCH_MAX, Ingestor
 from fleet.mqttclient import BatchingClient
 from fleet.store import Store, schema
 
@@ -330,41 +330,14 @@ class PgDatabases:
         self.engine.dispose()
 
 
-def print_report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    """Print the tables (adds ``cores_for_20k`` to each result); return the batching/paho ratios."""
-    print()
-    print(
-        f"{args.messages} Metrics messages, {args.devices} devices, {args.publishers} publisher processes, "
-        f"{args.ingestors} ingestor process(es), batches of {args.batch}, {os.cpu_count()} CPUs"
-    )
-    header = (
-        f"{'store (client)':20} {'stored msg/s':>13} {'published msg/s':>16} {'broker only/s':>14} "
-        f"{'parse only/s':>13} {'store only/s':>13}"
-    )
+def _print_header(header: str) -> None:
     print(header)
     print("-" * len(header))
-    for name, r in results.items():
-        print(
-            f"{name:20} {r['stored_per_s']:13,.0f} {r['published_per_s']:16,.0f} "
-            f"{r['broker_only_per_s']:14,.0f} "
-            f"{r['parse_only_per_s']:13,.0f} {r['store_only_per_s']:13,.0f}"
-        )
-    print()
-    print("CPU time per stored message during the live run (microseconds), and what it allows:")
-    header = (
-        f"{'store (client)':20} {'manager':>8} {'broker':>7} {'database':>9} {'publishers':>11} {'total':>7} "
-        f"{'msg/s per core':>15} {'cores for 20k/s':>16}"
-    )
-    print(header)
-    print("-" * len(header))
-    for name, r in results.items():
-        c = r["cpu_us_per_msg"]
-        total = sum(c.values())
-        r["cores_for_20k"] = total * 20000 / 1e6
-        print(
-            f"{name:20} {c['manager']:8.1f} {c['broker']:7.1f} {c['database']:9.1f} {c['publishers']:11.1f} "
-            f"{total:7.1f} {1e6 / total:15,.0f} {r['cores_for_20k']:16.2f}"
-        )
+
+
+def ratios_over_paho(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per store, the batching client's stored rate and manager CPU per message over paho's plain client's
+    (when both ran)."""
     ratios = {}
     for name, r in results.items():
         plain = results.get(f"{name} (paho)")
@@ -373,6 +346,41 @@ def print_report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -
                 "stored_per_s": r["stored_per_s"] / plain["stored_per_s"],
                 "manager_cpu_per_msg": r["cpu_us_per_msg"]["manager"] / plain["cpu_us_per_msg"]["manager"],
             }
+    return ratios
+
+
+def print_report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> None:
+    """Print the tables (and add ``cores_for_20k`` to each result)."""
+    print()
+    print(
+        f"{args.messages} Metrics messages, {args.devices} devices, {args.publishers} publisher processes, "
+        f"{args.ingestors} ingestor process(es), batches of {args.batch}, {os.cpu_count()} CPUs"
+    )
+    _print_header(
+        f"{'store (client)':20} {'stored msg/s':>13} {'published msg/s':>16} {'broker only/s':>14} "
+        f"{'parse only/s':>13} {'store only/s':>13}"
+    )
+    for name, r in results.items():
+        print(
+            f"{name:20} {r['stored_per_s']:13,.0f} {r['published_per_s']:16,.0f} "
+            f"{r['broker_only_per_s']:14,.0f} "
+            f"{r['parse_only_per_s']:13,.0f} {r['store_only_per_s']:13,.0f}"
+        )
+    print()
+    print("CPU time per stored message during the live run (microseconds), and what it allows:")
+    _print_header(
+        f"{'store (client)':20} {'manager':>8} {'broker':>7} {'database':>9} {'publishers':>11} {'total':>7} "
+        f"{'msg/s per core':>15} {'cores for 20k/s':>16}"
+    )
+    for name, r in results.items():
+        c = r["cpu_us_per_msg"]
+        total = sum(c.values())
+        r["cores_for_20k"] = total * 20000 / 1e6
+        print(
+            f"{name:20} {c['manager']:8.1f} {c['broker']:7.1f} {c['database']:9.1f} {c['publishers']:11.1f} "
+            f"{total:7.1f} {1e6 / total:15,.0f} {r['cores_for_20k']:16.2f}"
+        )
+    ratios = ratios_over_paho(results)
     if ratios:
         print()
         print("batching client / paho's plain client, same run:")
@@ -381,7 +389,6 @@ def print_report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -
                 f"  {name}: stored msg/s x{q['stored_per_s']:.2f}, "
                 f"manager CPU per message x{q['manager_cpu_per_msg']:.2f}"
             )
-    return ratios
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -398,7 +405,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--publishers", type=int, default=2)
     parser.add_argument("--ingestors", type=int, default=1)
-    parser.add_argument("--batch", type=int, default=2000, help="the ingestors' batch_max (their default)")
+    parser.add_argument(
+        "--batch", type=int, default=DEFAULT_BATCH_MAX, help="the ingestors' batch_max (default: theirs)"
+    )
     parser.add_argument(
         "--paho-publishers",
         action="store_true",
@@ -455,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         if pg is not None:
             pg.close()
 
-    ratios = print_report(results, args)
+    print_report(results, args)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(
         json.dumps(
@@ -465,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
                 },
                 "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
                 "results": results,
-                "batching_over_paho": ratios,
+                "batching_over_paho": ratios_over_paho(results),
             },
             indent=2,
         )

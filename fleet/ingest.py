@@ -33,6 +33,7 @@ from fleet.mqttclient import BatchingClient
 from fleet.store import Store
 
 __all__ = [
+    "DEFAULT_BATCH_MAX",
     "DEVICE_CHANNELS",
     "IngestError",
     "Ingestor",
@@ -62,6 +63,9 @@ def shared_filters(*, group: str, fleet: str | None = None) -> list[str]:
 
 _Item = tuple[str, bytes, float, int, int]
 """A received message on its way to the store: topic, payload, arrival time, MQTT packet id, QoS."""
+
+DEFAULT_BATCH_MAX = 2000
+"""Messages per write transaction at most (each batch also ends after ``batch_interval_s``)."""
 
 _SHARED_ID, _RESYNC_ID = 1, 2  # MQTT v5 subscription identifiers: which subscription delivered a message
 
@@ -171,7 +175,7 @@ class Ingestor:
         fleet: str | None = None,
         group: str = "edgeprune-fleet",
         client_id: str | None = None,
-        batch_max: int = 2000,
+        batch_max: int = DEFAULT_BATCH_MAX,
         batch_interval_s: float = 0.2,
         queue_max: int = 200_000,
         keepalive_s: int = 15,

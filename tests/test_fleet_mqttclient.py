@@ -20,6 +20,7 @@ from paho.mqtt.properties import Properties
 
 from agent.mqtt import BrokerAddress, make_client
 from fleet.broker import MosquittoBroker
+from fleet.ingest import _sub_id
 from fleet.mqttclient import BatchingClient
 from fleet.security import make_tls
 from tests.helpers import connected_client, wait_for
@@ -38,18 +39,16 @@ class Collector:
     def __init__(self, cls: type[mqtt.Client], address: BrokerAddress, client_id: str, topic: str) -> None:
         self.got: list[Received] = []
         self.mids: list[int] = []
+        self.address = address
         self.client = make_client(client_id, address, cls=cls)
         self.subscribed = threading.Event()
         self.client.on_message = lambda c, u, m: (self.got.append(_record(m)), self.mids.append(m.mid))
         self.client.on_subscribe = lambda *a: self.subscribed.set()
         self.topic = topic
 
-    def connect(self, host: str, port: int, *, sub_id: int | None = None, **kw: Any) -> Collector:
-        self.client.connect(host, port, **kw)
-        props = None
-        if sub_id is not None:
-            props = Properties(PacketTypes.SUBSCRIBE)  # type: ignore[no-untyped-call]
-            props.SubscriptionIdentifier = sub_id
+    def connect(self, *, sub_id: int | None = None, **kw: Any) -> Collector:
+        self.client.connect(self.address.host, self.address.port, **kw)
+        props = None if sub_id is None else _sub_id(sub_id)
         self.client.subscribe(self.topic, qos=1, properties=props)
         self.client.loop_start()
         assert self.subscribed.wait(10), "no SUBACK"
@@ -106,12 +105,8 @@ def _publish_mix(address: BrokerAddress, topic: str, collectors: list[Collector]
 
 
 def _same_messages_through_both_clients(address: BrokerAddress, topic: str) -> None:
-    fast = Collector(BatchingClient, address, f"fast-{topic}", f"{topic}/#").connect(
-        address.host, address.port, sub_id=7
-    )
-    plain = Collector(mqtt.Client, address, f"plain-{topic}", f"{topic}/#").connect(
-        address.host, address.port, sub_id=7
-    )
+    fast = Collector(BatchingClient, address, f"fast-{topic}", f"{topic}/#").connect(sub_id=7)
+    plain = Collector(mqtt.Client, address, f"plain-{topic}", f"{topic}/#").connect(sub_id=7)
     try:
         sent = _publish_mix(address, topic, [fast, plain])
         time.sleep(0.2)  # nothing more may come
@@ -165,7 +160,7 @@ def _ack_many_round_trip(broker: MosquittoBroker) -> None:
         sub.client.manual_ack_set(True)
         return sub
 
-    first = subscriber().connect(address.host, address.port, clean_start=True, properties=expiry)
+    first = subscriber().connect(clean_start=True, properties=expiry)
     pub = connected_client(broker, "mqttclient-ack-pub")
     for info in [pub.publish(topic, b"%d" % i, qos=1) for i in range(300)]:
         info.wait_for_publish(10)
