@@ -129,6 +129,64 @@ def test_metrics_update_variant_battery_and_last_seen(db_url: str) -> None:  # n
         assert [r["p90_ms"] for r in store.series("pi-01")] == [2.0]
 
 
+def test_a_batch_keeps_every_metrics_column_and_registry_field(db_url: str) -> None:  # noqa: F811
+    # PostgreSQL takes these rows through COPY and the registry and message ids through unnest'ed arrays,
+    # SQLite through executemany: both must store the same values, NULLs and JSON included.
+    full = Metrics(
+        **at(5, device_id="pi-02"),
+        window_s=10,
+        inferences=7,
+        errors=1,
+        latency=Percentiles(p50_ms=1.5, p90_ms=2.5, p99_ms=3.5),
+        mean_macs=1.25e6,
+        mean_density=0.5,
+        active_variant="gated",
+        budget=0.25,
+        readings=Readings(battery_pct=40.0, charging=True, cpu_load_pct=12.5, temperature_c=51.0),
+        agreement=0.96,
+        shadow_runs=25,
+    )
+    bare = Metrics(**at(6, device_id="pi-03"), window_s=10, inferences=0, readings=Readings())
+    birth = Birth(**at(1, device_id="pi-03"), profile="rpi4", agent_version="0.1.0", backend="onnx")
+    with Store(db_url) as store:
+        assert store.ingest([("lab", full), ("lab", bare), ("lab", birth), ("lab", full)]).stored == 3
+        (row,) = store.series("pi-02")
+        assert {k: row[k] for k in ("ts", "window_s", "inferences", "errors", "p50_ms", "p99_ms")} == {
+            "ts": T0.timestamp() + 5,
+            "window_s": 10.0,
+            "inferences": 7,
+            "errors": 1,
+            "p50_ms": 1.5,
+            "p99_ms": 3.5,
+        }
+        assert (row["mean_macs"], row["mean_density"], row["active_variant"], row["budget"]) == (
+            1.25e6,
+            0.5,
+            "gated",
+            0.25,
+        )
+        assert (row["battery_pct"], row["charging"], row["cpu_load_pct"], row["temperature_c"]) == (
+            40.0,
+            True,
+            12.5,
+            51.0,
+        )
+        assert (row["agreement"], row["shadow_runs"]) == (0.96, 25)
+        (empty,) = store.series("pi-03")
+        assert [
+            empty[k] for k in ("p50_ms", "mean_macs", "budget", "battery_pct", "charging", "agreement")
+        ] == [None] * 6
+        dev2, dev3 = store.device("pi-02"), store.device("pi-03")
+        assert dev2 is not None and dev3 is not None
+        assert (dev2["online"], dev2["variants"], dev2["tags"], dev2["budget"]) == (None, None, {}, 0.25)
+        assert (dev3["online"], dev3["variants"], dev3["profile"], dev3["last_seen"]) == (
+            True,
+            [],
+            "rpi4",
+            T0.timestamp() + 6,
+        )
+
+
 def test_a_last_will_with_an_old_sent_at_still_marks_the_device_offline(db_url: str) -> None:  # noqa: F811
     # The will is built at connect: its sent_at is older than the birth sent after connecting.
     will = Status(**at(0), state="offline", uptime_s=0)
@@ -203,3 +261,36 @@ def test_public_surface_is_pinned() -> None:
     ]
     for name in fleet.__all__:
         assert getattr(fleet, name).__name__ == name
+
+
+def test_postgresql_staging_survives_a_rolled_back_batch_and_a_lost_connection(pg_url: str) -> None:  # noqa: F811
+    # PostgreSQL batches go through per-connection temporary tables (COPY, then one INSERT ... SELECT).
+    # Rows staged by a batch that rolled back must not leak into the next one, and a connection the server
+    # dropped is replaced by one that has its staging tables again.
+    import sqlalchemy
+
+    from fleet.store.core import _STAGING
+
+    msgs = [m for m in sample_messages() if m.kind != "desired"]
+    with Store(pg_url) as store:
+        try:
+            with store.write() as conn:
+                store._copy(conn, _STAGING["messages_seen"], ["message_id"], [("f" * 32,)])
+                raise RuntimeError("the batch fails after staging")
+        except RuntimeError:
+            pass
+        assert store.ingest([("lab", msgs[0])]).stored == 1
+        assert store.count(schema.messages_seen) == 1
+        other = sqlalchemy.create_engine(pg_url)
+        with other.connect() as admin:
+            pids = admin.execute(
+                sqlalchemy.text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+            ).all()
+        other.dispose()
+        assert pids, "the store held no connection to drop"
+        result = store.ingest([("lab", m) for m in msgs])
+        assert (result.stored, result.duplicates) == (len(msgs) - 1, 1)
+        assert store.count(schema.messages_seen) == len(msgs)

@@ -3,21 +3,28 @@ fleet manager needs. No ORM sessions; every write is one short transaction."""
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import repeat
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
+    JSON,
+    Column,
     Connection,
     Engine,
     Insert,
+    MetaData,
     Table,
     and_,
+    bindparam,
     case,
     create_engine,
     event,
@@ -28,6 +35,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import ConnectionPoolEntry
+from sqlalchemy.schema import CreateTable
 
 from agent.contract import Birth, Event, Message, Metrics, Status, UpdateStatus
 from agent.errors import UserError
@@ -62,6 +70,24 @@ _DEVICE_FIELDS = (
     "budget",
     "battery_pct",
 )
+
+
+_STAGING = {
+    name: Table(
+        f"{name}_staging",
+        MetaData(),
+        *(
+            Column(c.name, c.type)
+            for c in s.metadata.tables[name].c
+            if name == "devices" or c.name == "message_id"
+        ),
+        prefixes=["TEMPORARY"],
+        postgresql_on_commit="DELETE ROWS",
+    )
+    for name in ("devices", "messages_seen")
+}
+"""PostgreSQL only: per-connection temporary tables a batch's registry rows and message ids are COPY'd into
+and merged from with one INSERT ... SELECT (emptied at every commit)."""
 
 
 class StoreError(UserError):
@@ -119,6 +145,20 @@ def _sqlite_engine(url: str, *, immediate: bool) -> Engine:
     return engine
 
 
+def _postgresql_engine(url: str) -> Engine:
+    engine = create_engine(url, pool_size=4, max_overflow=4, pool_pre_ping=True)
+    ddl = [str(CreateTable(table).compile(dialect=engine.dialect)) for table in _STAGING.values()]
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, record: ConnectionPoolEntry) -> None:
+        with dbapi_conn.cursor() as cur:
+            for statement in ddl:
+                cur.execute(statement)
+        dbapi_conn.commit()
+
+    return engine
+
+
 class Store:
     """The fleet's database. SQLite (a file path or ``sqlite:///...``) or PostgreSQL
     (``postgresql+psycopg://...``); migrations run on open.
@@ -136,7 +176,7 @@ class Store:
                 self.engine = _sqlite_engine(self.url, immediate=True)
                 self._reader = _sqlite_engine(self.url, immediate=False)
             elif self.url.startswith("postgresql"):
-                self.engine = create_engine(self.url, pool_size=4, max_overflow=4, pool_pre_ping=True)
+                self.engine = _postgresql_engine(self.url)
                 self._reader = self.engine
             else:
                 raise StoreError(
@@ -219,14 +259,20 @@ class Store:
             self._compiled[key] = cached
         _, sql, plan = cached
 
-        def values(r: dict[str, Any]) -> Iterator[tuple[str, Any]]:
-            for n, from_row, p in plan:
-                yield n, ((p(r[n]) if p else r[n]) if from_row else p)
-
+        # column by column: map/zip run the per-value loops in C (a third of the ingestor's time went
+        # into building these tuples row by row)
+        columns: list[Iterable[Any]] = []
+        for n, from_row, p in plan:
+            if from_row:
+                column = list(map(itemgetter(n), rows))
+                columns.append(list(map(p, column)) if p else column)
+            else:
+                columns.append(repeat(p, len(rows)))
         if self.engine.dialect.positional:
-            params: list[Any] = [tuple(v for _, v in values(r)) for r in rows]
+            params: list[Any] = list(zip(*columns, strict=False))
         else:
-            params = [dict(values(r)) for r in rows]
+            keys = [n for n, _, _ in plan]
+            params = [dict(zip(keys, values, strict=True)) for values in zip(*columns, strict=False)]
         conn.exec_driver_sql(sql, params)
 
     # --- ingestion -----------------------------------------------------------------------------------
@@ -251,15 +297,8 @@ class Store:
         for (fleet, message), at in zip(items, arrivals, strict=True):
             unique.setdefault(message.message_id, (fleet, message, at))
         with self.write() as conn:
-            # executemany + RETURNING: one cached statement, sent in batches ("insertmanyvalues")
-            stmt = (
-                self.insert(s.messages_seen)
-                .on_conflict_do_nothing(index_elements=["message_id"])  # type: ignore[attr-defined]
-                .returning(s.messages_seen.c.message_id)
-            )
             # Sorted: concurrent writers (PostgreSQL) then lock rows in one order and cannot deadlock.
-            rows = [{"message_id": i, "received_at": now} for i in sorted(unique)]
-            fresh_ids = set(conn.execute(stmt, rows).scalars()) if rows else set()
+            fresh_ids = self._first_seen(conn, sorted(unique), now)
             fresh = [pair for mid, pair in unique.items() if mid in fresh_ids]
             self._apply(conn, fresh, now)
             duplicates = len(items) - len(fresh)
@@ -338,7 +377,11 @@ class Store:
         if devices:
             self._upsert_devices(conn, [devices[k] for k in sorted(devices)])
         if metric_rows:
-            self.executemany(conn, "metrics", lambda: s.metrics.insert().inline(), metric_rows)
+            if self.dialect == "postgresql":
+                names = list(metric_rows[0])
+                self._copy(conn, s.metrics, names, [tuple(r.values()) for r in metric_rows])
+            else:
+                self.executemany(conn, "metrics", lambda: s.metrics.insert().inline(), metric_rows)
         if event_rows:
             conn.execute(s.events.insert(), event_rows)
         if status_rows:
@@ -350,13 +393,68 @@ class Store:
         for row in rows:
             row.setdefault("tags", {})
             row.setdefault("desired_revision", 0)
-        self.executemany(conn, "devices.upsert", self._devices_upsert, rows)
+        if self.dialect != "postgresql":
+            self.executemany(
+                conn, "devices.upsert", lambda: self._devices_upsert(self.insert(s.devices)), rows
+            )
+            return
+        names = list(rows[0])
+        self._copy(conn, _STAGING["devices"], names, _json_text(s.devices, names, rows))
+        cached = self._compiled.get("devices.upsert.pg")
+        if cached is None or cached[0] != names:
+            staged = _STAGING["devices"].c
+            rows_in_order = select(*[staged[n] for n in names]).order_by(staged.fleet, staged.device_id)
+            stmt = postgresql.insert(s.devices).from_select(names, rows_in_order)
+            cached = (names, self._devices_upsert(stmt))
+            self._compiled["devices.upsert.pg"] = cached
+        conn.execute(cached[1])
 
-    def _devices_upsert(self) -> Any:
-        """The registry merge: insert a device, or fold a batch's row into the stored one (built once)."""
+    def _first_seen(self, conn: Connection, ids: list[str], now: float) -> set[str]:
+        """Record message ids as seen; return those no batch recorded before (the ones to store)."""
+        if not ids:
+            return set()
+        seen = s.messages_seen
+        if self.dialect == "postgresql":
+            self._copy(conn, _STAGING["messages_seen"], ["message_id"], [(i,) for i in ids])
+            staged = _STAGING["messages_seen"].c
+            stmt = (
+                postgresql.insert(seen)
+                .from_select(
+                    ["message_id", "received_at"],
+                    select(staged.message_id, bindparam("now", type_=seen.c.received_at.type)).order_by(
+                        staged.message_id
+                    ),
+                )
+                .on_conflict_do_nothing(index_elements=["message_id"])
+                .returning(seen.c.message_id)
+            )
+            return set(conn.execute(stmt, {"now": now}).scalars())
+        # executemany + RETURNING: one cached statement, sent in batches ("insertmanyvalues")
+        stmt = (
+            self.insert(seen)
+            .on_conflict_do_nothing(index_elements=["message_id"])  # type: ignore[attr-defined]
+            .returning(seen.c.message_id)
+        )
+        return set(conn.execute(stmt, [{"message_id": i, "received_at": now} for i in ids]).scalars())
+
+    def _copy(self, conn: Connection, table: Table, names: list[str], rows: Iterable[Sequence[Any]]) -> None:
+        """Write ``rows`` (tuples in the order of ``names``) into ``table`` with PostgreSQL's ``COPY``,
+        inside the connection's transaction. psycopg formats COPY rows in C: per row a fifth of the
+        client CPU of executemany (or of array parameters, which psycopg dumps element by element in
+        Python) and half the server's (docs/fleet.md, "Ingestion rate")."""
+        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        try:
+            with cursor.copy(f"COPY {table.name} ({', '.join(names)}) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)
+        finally:
+            cursor.close()
+
+    def _devices_upsert(self, stmt: Any) -> Any:
+        """The registry merge on ``stmt`` (an INSERT into ``devices``, from values or a select): insert a
+        device, or fold a batch's row into the stored one."""
         d = s.devices.c
-        stmt = self.insert(s.devices)
-        ex = stmt.excluded  # type: ignore[attr-defined]
+        ex = stmt.excluded
         newer_state = and_(ex.online.is_not(None), func.coalesce(d.online_at, 0.0) <= ex.online_at)
         set_: dict[str, Any] = {f: func.coalesce(ex[f], d[f]) for f in _DEVICE_FIELDS}
         set_["online"] = case((newer_state, ex.online), else_=d.online)
@@ -367,7 +465,7 @@ class Store:
             else_=d.last_seen,
         )
         set_["first_seen"] = case((d.first_seen.is_(None), ex.first_seen), else_=d.first_seen)
-        return stmt.on_conflict_do_update(index_elements=["fleet", "device_id"], set_=set_)  # type: ignore[attr-defined]
+        return stmt.on_conflict_do_update(index_elements=["fleet", "device_id"], set_=set_)
 
     def _member_progress(self, conn: Connection, row: dict[str, Any], now: float) -> None:
         m = s.rollout_members.c
@@ -504,6 +602,19 @@ class Store:
             conn.execute(upsert)
             row = conn.execute(select(c.holder).where(c.name == name)).scalar_one()
         return bool(row == holder)
+
+
+def _json_text(table: Table, names: list[str], rows: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    """Rows as tuples for :meth:`Store._copy`, JSON columns' values serialised (None stays NULL)."""
+    json_cols = [i for i, n in enumerate(names) if isinstance(table.c[n].type, JSON)]
+    out = []
+    for r in rows:
+        values = list(r.values())
+        for i in json_cols:
+            if values[i] is not None:
+                values[i] = json.dumps(values[i])
+        out.append(tuple(values))
+    return out
 
 
 def _metric_row(fleet: str, m: Metrics, ts: float) -> dict[str, Any]:
