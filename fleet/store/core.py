@@ -86,8 +86,8 @@ _STAGING = {
     )
     for name in ("devices", "messages_seen")
 }
-"""PostgreSQL only: per-connection temporary tables a batch's registry rows and message ids are COPY'd into
-and merged from with one INSERT ... SELECT (emptied at every commit)."""
+"""PostgreSQL only: temporary tables (one per server connection, emptied at every commit) a batch's
+registry rows and message ids are COPY'd into and merged from with one INSERT ... SELECT."""
 
 
 class StoreError(UserError):
@@ -145,20 +145,6 @@ def _sqlite_engine(url: str, *, immediate: bool) -> Engine:
     return engine
 
 
-def _postgresql_engine(url: str) -> Engine:
-    engine = create_engine(url, pool_size=4, max_overflow=4, pool_pre_ping=True)
-    ddl = [str(CreateTable(table).compile(dialect=engine.dialect)) for table in _STAGING.values()]
-
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn: Any, record: ConnectionPoolEntry) -> None:
-        with dbapi_conn.cursor() as cur:
-            for statement in ddl:
-                cur.execute(statement)
-        dbapi_conn.commit()
-
-    return engine
-
-
 class Store:
     """The fleet's database. SQLite (a file path or ``sqlite:///...``) or PostgreSQL
     (``postgresql+psycopg://...``); migrations run on open.
@@ -171,12 +157,16 @@ class Store:
     def __init__(self, db: str | Path, *, migrate_on_open: bool = True) -> None:
         self.url = database_url(db)
         self._compiled: dict[str, tuple[Any, ...]] = {}
+        self._staging_ddl = {
+            table.name: str(CreateTable(table, if_not_exists=True).compile(dialect=postgresql.dialect()))  # type: ignore[no-untyped-call]
+            for table in _STAGING.values()
+        }
         try:
             if self.url.startswith("sqlite"):
                 self.engine = _sqlite_engine(self.url, immediate=True)
                 self._reader = _sqlite_engine(self.url, immediate=False)
             elif self.url.startswith("postgresql"):
-                self.engine = _postgresql_engine(self.url)
+                self.engine = create_engine(self.url, pool_size=4, max_overflow=4, pool_pre_ping=True)
                 self._reader = self.engine
             else:
                 raise StoreError(
@@ -444,6 +434,11 @@ class Store:
         Python) and half the server's (docs/fleet.md, "Ingestion rate")."""
         cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
         try:
+            if table.name not in s.metadata.tables:
+                # A staging table: created where missing, in this transaction. Not once per connection at
+                # connect time: behind a pooler in transaction mode each transaction may get another
+                # server connection. A no-op (and a notice) where it exists.
+                cursor.execute(self._staging_ddl[table.name])
             with cursor.copy(f"COPY {table.name} ({', '.join(names)}) FROM STDIN") as copy:
                 for row in rows:
                     copy.write_row(row)
