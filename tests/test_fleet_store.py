@@ -294,3 +294,31 @@ def test_postgresql_staging_survives_a_rolled_back_batch_and_a_lost_connection(p
         result = store.ingest([("lab", m) for m in msgs])
         assert (result.stored, result.duplicates) == (len(msgs) - 1, 1)
         assert store.count(schema.messages_seen) == len(msgs)
+
+
+def test_postgresql_copy_on_a_lost_connection_is_a_retryable_error(pg_url: str) -> None:  # noqa: F811
+    # COPY runs on the driver's cursor: a server that goes away mid-batch must still surface as the
+    # OperationalError the ingestor retries (not as a refused row it would count as unstorable), and the
+    # dead connection must not come back from the pool.
+    import pytest
+    import sqlalchemy
+
+    from fleet.ingest import _transient
+    from fleet.store.core import _STAGING
+
+    msgs = [m for m in sample_messages() if m.kind != "desired"]
+    with Store(pg_url) as store:
+        other = sqlalchemy.create_engine(pg_url)
+        conn = store.engine.connect()
+        try:
+            pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+            with other.connect() as admin:
+                admin.execute(sqlalchemy.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+            with pytest.raises(sqlalchemy.exc.OperationalError) as caught:
+                store._copy(conn, _STAGING["messages_seen"], ["message_id"], [("f" * 32,)])
+            assert conn.invalidated
+        finally:
+            conn.close()
+        other.dispose()
+        assert _transient(caught.value)
+        assert store.ingest([("lab", m) for m in msgs]).stored == len(msgs)

@@ -33,7 +33,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.pool import ConnectionPoolEntry
 from sqlalchemy.schema import CreateTable
 
@@ -432,16 +432,30 @@ class Store:
         inside the connection's transaction. psycopg formats COPY rows in C: per row a fifth of the
         client CPU of executemany (or of array parameters, which psycopg dumps element by element in
         Python) and half the server's (docs/fleet.md, "Ingestion rate")."""
-        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        dialect = self.engine.dialect
+        dbapi_conn = conn.connection.dbapi_connection
+        assert dbapi_conn is not None
+        cursor = dbapi_conn.cursor()
+        sql = f"COPY {table.name} ({', '.join(names)}) FROM STDIN"
         try:
             if table.name not in s.metadata.tables:
                 # A staging table: created where missing, in this transaction. Not once per connection at
                 # connect time: behind a pooler in transaction mode each transaction may get another
                 # server connection. A no-op (and a notice) where it exists.
                 cursor.execute(self._staging_ddl[table.name])
-            with cursor.copy(f"COPY {table.name} ({', '.join(names)}) FROM STDIN") as copy:
+            with cursor.copy(sql) as copy:
                 for row in rows:
                     copy.write_row(row)
+        except dialect.loaded_dbapi.Error as exc:
+            # The driver's own error, as SQLAlchemy would have raised it (OperationalError for a lost
+            # server, DataError for a refused value...), so the ingestor can tell a retry from a bad row;
+            # a lost connection is dropped from the pool.
+            lost = dialect.is_disconnect(exc, dbapi_conn, cursor)
+            if lost:
+                conn.invalidate(exc)
+            raise DBAPIError.instance(
+                sql, None, exc, dialect.loaded_dbapi.Error, connection_invalidated=lost, dialect=dialect
+            ) from exc
         finally:
             cursor.close()
 
