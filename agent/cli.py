@@ -74,6 +74,13 @@ def add_agent_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
         "preload every variant, so a switch costs microseconds)",
     )
     run.add_argument(
+        "--no-trim-memory",
+        dest="trim_memory",
+        action="store_false",
+        help="keep the library code start-up touched mapped (by default the agent unmaps it 5 s after "
+        "start and after each bundle swap; docs/agent.md)",
+    )
+    run.add_argument(
         "--input",
         default=None,
         help="inputs to serve: a directory of images/.npy, an .npz, or '-' for raw frames on stdin",
@@ -118,6 +125,7 @@ def _run(args: argparse.Namespace) -> int:
         profile=args.profile,
         threads=args.threads,
         memory_cap_mb=args.memory_cap_mb,
+        trim_memory_after_s=5.0 if args.trim_memory else None,
         metrics_period_s=args.metrics_period,
         heartbeat_period_s=args.heartbeat_period,
         shadow_rate=args.shadow_rate,
@@ -132,9 +140,12 @@ def _run(args: argparse.Namespace) -> int:
         f"({', '.join(agent.server.available)}) with {args.backend}; telemetry to {args.broker}",
         flush=True,
     )
-    served = 0
-    try:
-        if args.input is not None:
+    failure: list[BaseException] = []
+
+    def serve_inputs() -> None:
+        # In its own thread: reading a pipe or stdin blocks, and SIGTERM must still stop the agent.
+        served = 0
+        try:
             period = 1.0 / args.rate if args.rate > 0 else 0.0
             for sample in open_source(args.input, shape=agent.manifest.input.shape):
                 if stop.is_set():
@@ -145,8 +156,20 @@ def _run(args: argparse.Namespace) -> int:
                 if period:
                     stop.wait(max(0.0, period - (time.monotonic() - started)))
             print(f"served {served} input(s)", flush=True)
-        if not args.exit_when_done:
-            stop.wait()
+        except BaseException as exc:  # handed to the main thread, which stops the agent and reports it
+            failure.append(exc)
+            stop.set()
+        if args.exit_when_done:
+            stop.set()
+
+    try:
+        if args.input is not None:
+            threading.Thread(target=serve_inputs, name="inputs", daemon=True).start()
+        elif args.exit_when_done:
+            stop.set()
+        stop.wait()
+        if failure:
+            raise failure[0]
     finally:
         agent.stop()
     print(f"agent {args.device_id}: stopped cleanly", flush=True)

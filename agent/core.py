@@ -59,6 +59,7 @@ from agent.contract import (
     parse_message,
 )
 from agent.errors import UserError
+from agent.memory import release_free_heap, trim_code_pages
 from agent.mqtt import make_client, parse_broker_url, resolve_address
 from agent.outbox import Outbox, OutboxError
 from agent.policy import Decision, Policy, PolicyConfig
@@ -94,6 +95,9 @@ class AgentConfig:
     reconnect_min_s: int = 1
     reconnect_max_s: int = 30
     memory_cap_mb: float | None = None
+    # Seconds after start (and after each bundle swap) to unmap library code start-up touched once
+    # (agent.memory.trim_code_pages); None: never.
+    trim_memory_after_s: float | None = 5.0
     seed: int | None = None
     updater: UpdaterConfig = field(default_factory=UpdaterConfig)
     loop_period_s: float = 0.05  # how often the agent's thread wakes; raised by the simulator for scale
@@ -166,6 +170,7 @@ class Agent:
         self._announce = threading.Event()  # reconnected: the retained status may be our last will
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._trim_at: float | None = None  # monotonic time of the next working-set trim
         self._random = random.Random(config.seed)
         self.decision: Decision | None = None
         self.readings = Readings()
@@ -217,6 +222,9 @@ class Agent:
         )
         self._client.connect_async(self._address.host, self._address.port, keepalive=self.config.keepalive_s)
         self._client.loop_start()
+        if self.config.trim_memory_after_s is not None:
+            self._trim_memory()  # the import and model-load code now; the connect's at the scheduled trim
+            self._schedule_trim()
         self._thread = threading.Thread(target=self._loop, name=f"agent-{self.config.device_id}", daemon=True)
         self._thread.start()
         if self.updater.pending() or self._next_update is not None:
@@ -281,7 +289,24 @@ class Agent:
         )
         self._send_birth()
         self._tick_policy(time.monotonic(), force=True)
+        self._schedule_trim()
         return manifest
+
+    def _schedule_trim(self) -> None:
+        if self.config.trim_memory_after_s is not None:
+            self._trim_at = time.monotonic() + self.config.trim_memory_after_s
+
+    def _trim_memory(self) -> None:
+        """Give back the heap the last model loads freed and unmap the library code start-up touched
+        once (agent.memory); what serving uses faults back in."""
+        self._trim_at = None
+        release_free_heap()
+        result = trim_code_pages()
+        log.info(
+            "trimmed the working set: %.1f MB of read-only library pages in %d mappings unmapped",
+            result.released_bytes / 2**20,
+            result.mappings,
+        )
 
     # ---- updates (the host side of agent.updater.Updater) ----------------------------------------
 
@@ -475,6 +500,8 @@ class Agent:
                     next_heartbeat = now + self._heartbeat_period
                 if self._connected.is_set() and self.outbox.pending():
                     self.outbox.drain(self._client, timeout_s=2.0, max_messages=500)
+                if self._trim_at is not None and now >= self._trim_at:
+                    self._trim_memory()
             except Exception as exc:  # the daemon's top loop: report, keep serving
                 log.exception("agent loop error")
                 self._safe_event("error", f"agent loop error: {type(exc).__name__}: {exc}", severity="error")

@@ -162,8 +162,8 @@ class NpzSource:
 class StdinSource:
     """Raw ``uint8`` frames of exactly ``prod(shape)`` bytes each, read from ``stream`` until end of file.
 
-    ``stream`` defaults to ``sys.stdin.buffer`` (looked up when the source is made). A stream that ends
-    inside a frame is a :class:`~agent.errors.UserError`; frames carry no label.
+    ``stream`` defaults to the standard input (unbuffered, looked up when the source is made). A stream
+    that ends inside a frame is a :class:`~agent.errors.UserError`; frames carry no label.
 
     >>> frames = io.BytesIO(bytes(2 * 28 * 28))  # doctest: +SKIP
     >>> [s.data.shape for s in StdinSource(frames, shape=(28, 28))]  # doctest: +SKIP
@@ -175,7 +175,12 @@ class StdinSource:
         if not self.shape or any(d <= 0 for d in self.shape):
             raise UserError(f"frame shape must have dimensions > 0, got {self.shape}")
         self.frame_bytes = math.prod(self.shape)
-        self.stream = sys.stdin.buffer if stream is None else stream
+        if stream is None:
+            # the unbuffered file under sys.stdin.buffer: the agent reads frames in a thread of its own, and
+            # a thread blocked inside the buffered reader's lock would abort the interpreter's shutdown
+            stdin = sys.stdin.buffer
+            stream = getattr(stdin, "raw", stdin)
+        self.stream = stream
 
     def __iter__(self) -> Iterator[Sample]:
         index = 0

@@ -20,9 +20,6 @@ loads files, it does not check their hashes or the signature.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
 import logging
 import math
 import threading
@@ -39,6 +36,7 @@ import onnxruntime as ort
 
 from agent.contract import BudgetInput, BundleManifest, Gating, InputSpec, Runtime
 from agent.errors import UserError
+from agent.memory import release_free_heap
 
 __all__ = [
     "RUNTIMES",
@@ -749,25 +747,6 @@ class ModelServer:
 
     def __repr__(self) -> str:
         return f"ModelServer({self._bundle}, backend={self._backend!r}, active={self.active!r})"
-
-
-@functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    try:
-        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
-        return None
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    return cast(Callable[[int], int], trim)
-
-
-def release_free_heap() -> None:
-    """Give the heap that loading a model freed (the parsed protobuf, the optimiser's scratch) back to
-    the OS. glibc keeps freed memory for reuse otherwise: about 6 MB of resident memory for the
-    reference bundle's four variants. A no-op where the C library is not glibc."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 def _ms_since(start: float) -> float:

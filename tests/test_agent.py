@@ -438,6 +438,51 @@ def test_cli_run_and_sigterm(bundle, signing_keys, broker, tmp_path, npz_data) -
     c.close()
 
 
+def test_sigterm_stops_an_agent_waiting_for_frames_on_stdin(bundle, signing_keys, broker, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # `--input -` blocks reading the pipe between frames (a camera feeding it); SIGTERM must still stop
+    # the agent cleanly, with what it served sent and its offline status published.
+    c = Collector(broker, "t-stdin", "fleet-stdin")
+    exe = Path(sys.executable).parent / "edgeprune"
+    cmd = [
+        str(exe),
+        "agent",
+        "run",
+        "--bundle",
+        str(bundle),
+        "--broker",
+        broker.url,
+        "--device-id",
+        "pi-02",
+        "--state-dir",
+        str(tmp_path),
+        "--public-key",
+        str(signing_keys.public),
+        "--fleet",
+        "t-stdin",
+        "--input",
+        "-",
+        "--metrics-period",
+        "0.2",
+    ]
+    frame = bytes(range(256)) * 3 + bytes(16)  # one 28x28 uint8 frame
+    with subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        assert proc.stdin is not None
+        try:
+            proc.stdin.write(frame * 3)
+            proc.stdin.flush()
+            c.wait(lambda m: isinstance(m, Metrics) and m.inferences == 3, timeout=60)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            # stdin stays open while it stops: the agent is blocked reading it, and EOF would end the
+            # input loop by itself
+            proc.wait(timeout=30)
+            out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert b"stopped cleanly" in out
+    c.wait(lambda m: isinstance(m, Status) and m.state == "offline")
+    c.close()
+
+
 def test_tampered_new_bundle_is_refused_and_the_old_one_keeps_serving(
     bundle,
     signing_keys,
