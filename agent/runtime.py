@@ -284,6 +284,9 @@ class _ExecutorchModel:
         return out
 
 
+_ET_POOL_LOCK = threading.Lock()
+
+
 class ExecutorchBackend:
     """The ExecuTorch Python runtime (``executorch.runtime``) running ``.pte`` files.
 
@@ -294,24 +297,37 @@ class ExecutorchBackend:
     Install with ``pip install -c constraints.txt 'edgeprune[executorch]'``; without it the constructor
     raises :class:`BackendError` with that hint.
 
-    >>> model = ExecutorchBackend().load(Path("bundle/dense.pte"))  # doctest: +SKIP
+    ``threads`` sizes ExecuTorch's thread pool, which XNNPACK runs its operators on. The pool is one per
+    process and starts with one thread per core; constructing a backend resizes it when its size differs
+    (ExecuTorch allows that only while nothing executes, so make backends before serving). The reference
+    model's batch-1 operators are too small to gain from a second thread on a 2-core CPU: it only adds
+    a synchronisation per operator (docs/compiler.md).
+
+    >>> model = ExecutorchBackend(threads=1).load(Path("bundle/dense.pte"))  # doctest: +SKIP
     >>> model.run(np.zeros((1, 1, 28, 28), np.float32)).shape  # doctest: +SKIP
     (1, 10)
     """
 
     name: Runtime = "executorch"
 
-    def __init__(self) -> None:
+    def __init__(self, *, threads: int = 1) -> None:
+        if threads < 1:
+            raise BackendError(f"threads must be >= 1, got {threads}")
         try:
             import executorch.runtime as et_runtime
             import torch  # noqa: TID251 -- the opt-in ExecuTorch backend, see the class docstring
+            from executorch.extension.pybindings import _portable_lib
         except ImportError as exc:
             raise BackendError(
                 f"the ExecuTorch runtime is not installed ({exc})", hint=EXECUTORCH_HINT
             ) from exc
+        self.threads = threads
         self._from_numpy: Callable[[np.ndarray], Any] = torch.from_numpy
         self._torch: Any = torch
         self._runtime: Any = et_runtime.Runtime.get()
+        with _ET_POOL_LOCK:
+            if _portable_lib._threadpool_get_thread_count() != threads:
+                _portable_lib._unsafe_reset_threadpool(threads)
 
     def load(self, path: Path) -> LoadedModel:
         try:
@@ -353,14 +369,13 @@ class ExecutorchBackend:
             raise BackendError(f"ExecuTorch cannot load {path}: {exc}") from exc
 
     def __repr__(self) -> str:
-        return "ExecutorchBackend()"
+        return f"ExecutorchBackend(threads={self.threads})"
 
 
 def make_backend(name: str, *, threads: int = 1) -> Backend:
     """The backend for runtime ``name`` (``onnx`` or ``executorch``).
 
-    ``threads`` is onnxruntime's intra-op thread count; the ExecuTorch Python runtime has no such knob
-    and ignores it.
+    ``threads`` is onnxruntime's intra-op thread count, or the size of ExecuTorch's thread pool.
 
     >>> make_backend("onnx", threads=2)
     OnnxBackend(threads=2)
@@ -368,9 +383,7 @@ def make_backend(name: str, *, threads: int = 1) -> Backend:
     if name == "onnx":
         return OnnxBackend(threads=threads)
     if name == "executorch":
-        if threads != 1:
-            log.debug("the ExecuTorch backend ignores threads=%d", threads)
-        return ExecutorchBackend()
+        return ExecutorchBackend(threads=threads)
     raise BackendError(f"unknown runtime {name!r}; valid runtimes: {', '.join(RUNTIMES)}")
 
 

@@ -112,6 +112,23 @@ def test_executorch_results_are_not_overwritten_by_the_next_run(
 
 
 @pytest.mark.export
+def test_executorch_threads_size_its_pool_and_leave_results_alone(
+    compiled: CompileResult, images: np.ndarray
+) -> None:
+    from executorch.extension.pybindings import _portable_lib
+
+    x = preprocess(images[0], compiled.manifest.input)
+    results = {}
+    for threads in (2, 1):
+        backend = make_backend("executorch", threads=threads)
+        assert _portable_lib._threadpool_get_thread_count() == threads
+        results[threads] = backend.load(model_path(compiled, "dense", "executorch")).run(x)
+    assert np.abs(results[1] - results[2]).max() < 1e-5
+    with pytest.raises(BackendError, match="threads"):
+        ExecutorchBackend(threads=0)
+
+
+@pytest.mark.export
 def test_executorch_server_serves_both_variants(compiled: CompileResult, images: np.ndarray) -> None:
     server = ModelServer(compiled.out, compiled.manifest, ExecutorchBackend())
     assert server.available == VARIANTS and server.infer(images[0]).variant == "dense"
