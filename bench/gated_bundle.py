@@ -6,7 +6,12 @@ interleaved, at batch 1, cycling through real test images (the gated widths depe
 dense, every static variant, and the gated variant at every budget of its manifest curve. Prints the
 speed-up over dense per runtime next to the accuracy and mean MACs the manifest records, and writes JSON.
 
-    python bench/gated_bundle.py --bundle out/reference-gated [--runs 600] [--json FILE]
+    python bench/gated_bundle.py --bundle out/reference-gated [--runs 600] [--threads 1] [--json FILE]
+
+``--threads`` is each runtime's thread count (onnxruntime's intra-op threads, ExecuTorch's thread pool,
+which is one per process: hence one count per run). The agent's default is 1. With more than one
+thread, time one runtime per run (``--runtimes executorch``): onnxruntime's idle workers spin for a
+while after each run and take the cores ExecuTorch's pool needs, and the reverse.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=600)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--images", type=int, default=64, help="test images to cycle through")
+    parser.add_argument("--threads", type=int, default=1, help="threads of each runtime (default 1)")
+    parser.add_argument("--runtimes", default="", help="comma-separated runtimes to time (default: all)")
     parser.add_argument("--data", default=None, help="Fashion-MNIST IDX directory (default: the system's)")
     parser.add_argument("--json", type=Path, default=Path("out/bench-gated-bundle.json"))
     args = parser.parse_args(argv)
@@ -45,9 +52,14 @@ def main(argv: list[str] | None = None) -> int:
     points: list[tuple[str, float | None]] = [(v.name, None) for v in manifest.variants if v.kind != "gated"]
     points += [(gated.name, p.budget) for p in gated.budget_curve]
     runtimes = sorted({f.runtime for f in gated.files})
+    if args.runtimes:
+        wanted = args.runtimes.split(",")
+        if unknown := sorted(set(wanted) - set(runtimes)):
+            raise SystemExit(f"{args.bundle}'s gated variant has no {', '.join(unknown)} files")
+        runtimes = [rt for rt in runtimes if rt in wanted]
     calls: dict[tuple[str, str, float | None], Callable[[], object]] = {}
     for rt in runtimes:
-        server = ModelServer(args.bundle, manifest, make_backend(rt, threads=1))
+        server = ModelServer(args.bundle, manifest, make_backend(rt, threads=args.threads))
         for name, budget in points:
             next_image = itertools.cycle(images).__next__
             calls[(rt, name, budget)] = lambda s=server, n=name, b=budget, nxt=next_image: s.infer(
@@ -74,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     head = f"{'variant':<11}{'budget':>7}{'acc %':>8}{'MACs':>9}"
     head += "".join(f"{rt + ' ms':>15}{'x dense':>9}" for rt in runtimes)
     print(
-        f"bundle {manifest.model_id} {manifest.bundle_version} on {host_description()}, through ModelServer"
+        f"bundle {manifest.model_id} {manifest.bundle_version} on {host_description()}, through ModelServer, "
+        f"{args.threads} thread(s)"
     )
     print(head)
     for r in rows:
@@ -86,7 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(
         json.dumps(
-            {"host": host_description(), "bundle": str(args.bundle), "runs": args.runs, "rows": rows},
+            {
+                "host": host_description(),
+                "bundle": str(args.bundle),
+                "runs": args.runs,
+                "threads": args.threads,
+                "rows": rows,
+            },
             indent=1,
         )
     )
