@@ -24,6 +24,8 @@ from agent.contract import (
     BudgetInput,
     BundleManifest,
     CreationInfo,
+    GatedBlock,
+    Gating,
     InputSpec,
     Latency,
     Normalization,
@@ -81,6 +83,13 @@ def bench_manifest() -> BundleManifest:
                 0.931,
                 1.4,
                 budget=BudgetInput(minimum=0, maximum=1, default=0.5),
+                gating=Gating(
+                    blocks=(
+                        GatedBlock(name="blocks.0", widths=(16, 32), macs=(3_000_000, 6_000_000)),
+                        GatedBlock(name="blocks.1", widths=(32, 64), macs=(8_000_000, 16_000_000)),
+                    ),
+                    fixed_macs=18_000_000,
+                ),
             ),
             variant("static-50", "static", 11_000_000, 0.925, 0.7),
         ),
