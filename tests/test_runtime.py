@@ -74,7 +74,7 @@ def test_onnx_backend_loads_every_variant(compiled: CompileResult, images: np.nd
 def test_onnx_sessions_run_with_the_backends_options(compiled: CompileResult) -> None:
     # read back from the session onnxruntime created, not from the options object the backend built
     model = OnnxBackend(threads=2).load(model_path(compiled, "dense", "onnx"))
-    session = model._run.__self__  # type: ignore[attr-defined]
+    session = model.session  # type: ignore[attr-defined]
     opts = session.get_session_options()
     assert opts.enable_cpu_mem_arena is False  # no per-session arena: less resident memory per variant
     assert opts.enable_mem_pattern is True
@@ -433,3 +433,30 @@ def test_model_with_wrong_output_shape_is_refused(compiled: CompileResult) -> No
     )
     with pytest.raises(BackendError, match=r"\(1, 10\).*\(1, 5\)"):
         ModelServer(compiled.out, fewer, OnnxBackend())
+
+
+def test_onnx_runs_through_the_native_session_only_where_it_matches_the_public_run(tmp_path: Path) -> None:
+    from agent.runtime import _onnx_runner
+    from tests.test_memory import _conv_model
+
+    session = OnnxBackend(threads=1)._session(_conv_model(tmp_path / "tiny.onnx"))
+    x = np.random.default_rng(2).random((1, 1, 28, 28), dtype=np.float32)
+    runner = _onnx_runner(session)
+    assert runner.__name__ == "native_run"
+    np.testing.assert_array_equal(runner({"x": x})[0], session.run(None, {"x": x})[0])
+
+    class Wrong:  # a native object that answers differently (another onnxruntime's signature, say)
+        def run(self, names: list[str], feed: dict[str, np.ndarray], options: object) -> list[np.ndarray]:
+            return [np.ones((1, 10), np.float32)]
+
+    class Proxy:
+        def __init__(self, native: object) -> None:
+            self._sess = native
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(session, name)
+
+    for native in (Wrong(), None):
+        fallback = _onnx_runner(Proxy(native))
+        assert fallback.__name__ == "public"
+        np.testing.assert_array_equal(fallback({"x": x})[0], session.run(None, {"x": x})[0])
