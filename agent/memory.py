@@ -26,6 +26,7 @@ import ctypes
 import ctypes.util
 import functools
 import logging
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -97,7 +98,7 @@ def _mappings(smaps: str) -> list[_Mapping]:
                     start=start,
                     end=end,
                     perms=head[1],
-                    path=head[5] if len(head) > 5 else "",
+                    path=" ".join(head[5:]),
                     rss_kb=fields.get("Rss", 0),
                     # unknown (a kernel without the field) counts as dirty: never dropped
                     private_dirty_kb=fields.get("Private_Dirty", 1),
@@ -127,6 +128,7 @@ def trimmable_mappings(smaps: str) -> list[tuple[int, int, str, int]]:
         (m.start, m.end, m.path, m.rss_kb * 1024)
         for m in _mappings(smaps)
         if m.path.startswith("/")
+        and not m.path.startswith(("/dev/", "/memfd:", "/SYSV"))  # device memory, shared memory
         and "w" not in m.perms
         and m.private_dirty_kb == 0
         and m.anonymous_kb == 0
@@ -149,7 +151,12 @@ def trim_code_pages() -> TrimResult:
     madvise = libc.madvise
     madvise.argtypes, madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
     mappings, released = 0, 0
+    regular: dict[str, bool] = {}
     for start, end, path, rss in trimmable_mappings(smaps):
+        if path not in regular:  # only pages of regular files (a driver's mapping is not a page cache copy)
+            regular[path] = os.path.isfile(path.removesuffix(" (deleted)")) or path.endswith(" (deleted)")
+        if not regular[path]:
+            continue
         if madvise(start, end - start, _MADV_DONTNEED) == 0:
             mappings += 1
             released += rss

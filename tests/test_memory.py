@@ -42,15 +42,25 @@ Private_Dirty:         0 kB
 Anonymous:             0 kB
 7f0000500000-7f0000510000 r--p 00000000 08:01 44    /usr/lib/libold.so
 Rss:                  16 kB
+7f0000600000-7f0000610000 r--s 00000000 00:05 45    /dev/nvidia0
+Rss:                  16 kB
+Private_Dirty:         0 kB
+Anonymous:             0 kB
+7f0000700000-7f0000710000 r-xp 00000000 08:01 46    /opt/my app/lib x.so (deleted)
+Rss:                   8 kB
+Private_Dirty:         0 kB
+Anonymous:             0 kB
 """
 
 
 def test_only_clean_read_only_file_mappings_are_trimmable() -> None:
-    # Relocated (dirty) read-only data, writable data, anonymous memory and kernel pseudo-files are never
-    # dropped; a mapping whose smaps lacks the dirty counters counts as dirty.
+    # Relocated (dirty) read-only data, writable data, anonymous memory, kernel pseudo-files and device
+    # mappings are never dropped; a mapping whose smaps lacks the dirty counters counts as dirty; paths
+    # keep their spaces.
     assert trimmable_mappings(SMAPS) == [
         (0x7F0000000000, 0x7F0000100000, "/usr/lib/libcode.so", 1024 * 1024),
         (0x7F0000400000, 0x7F0000410000, "/var/cache/font.cache", 16 * 1024),
+        (0x7F0000700000, 0x7F0000710000, "/opt/my app/lib x.so (deleted)", 8 * 1024),
     ]
 
 
