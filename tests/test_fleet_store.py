@@ -275,7 +275,7 @@ def test_postgresql_staging_survives_a_rolled_back_batch_and_a_lost_connection(p
     with Store(pg_url) as store:
         try:
             with store.write() as conn:
-                store._copy(conn, _STAGING["messages_seen"], ["message_id"], [("f" * 32,)])
+                store._copy(conn, _STAGING["messages_seen"], [{"message_id": "f" * 32}])
                 raise RuntimeError("the batch fails after staging")
         except RuntimeError:
             pass
@@ -315,7 +315,7 @@ def test_postgresql_copy_on_a_lost_connection_is_a_retryable_error(pg_url: str) 
             with other.connect() as admin:
                 admin.execute(sqlalchemy.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
             with pytest.raises(sqlalchemy.exc.OperationalError) as caught:
-                store._copy(conn, _STAGING["messages_seen"], ["message_id"], [("f" * 32,)])
+                store._copy(conn, _STAGING["messages_seen"], [{"message_id": "f" * 32}])
             assert conn.invalidated
         finally:
             conn.close()

@@ -88,6 +88,10 @@ _STAGING = {
 }
 """PostgreSQL only: temporary tables (one per server connection, emptied at every commit) a batch's
 registry rows and message ids are COPY'd into and merged from with one INSERT ... SELECT."""
+_STAGING_DDL = {
+    table.name: str(CreateTable(table, if_not_exists=True).compile(dialect=postgresql.dialect()))  # type: ignore[no-untyped-call]
+    for table in _STAGING.values()
+}
 
 
 class StoreError(UserError):
@@ -157,10 +161,6 @@ class Store:
     def __init__(self, db: str | Path, *, migrate_on_open: bool = True) -> None:
         self.url = database_url(db)
         self._compiled: dict[str, tuple[Any, ...]] = {}
-        self._staging_ddl = {
-            table.name: str(CreateTable(table, if_not_exists=True).compile(dialect=postgresql.dialect()))  # type: ignore[no-untyped-call]
-            for table in _STAGING.values()
-        }
         try:
             if self.url.startswith("sqlite"):
                 self.engine = _sqlite_engine(self.url, immediate=True)
@@ -368,8 +368,7 @@ class Store:
             self._upsert_devices(conn, [devices[k] for k in sorted(devices)])
         if metric_rows:
             if self.dialect == "postgresql":
-                names = list(metric_rows[0])
-                self._copy(conn, s.metrics, names, [tuple(r.values()) for r in metric_rows])
+                self._copy(conn, s.metrics, metric_rows)
             else:
                 self.executemany(conn, "metrics", lambda: s.metrics.insert().inline(), metric_rows)
         if event_rows:
@@ -388,8 +387,8 @@ class Store:
                 conn, "devices.upsert", lambda: self._devices_upsert(self.insert(s.devices)), rows
             )
             return
+        self._copy(conn, _STAGING["devices"], rows)
         names = list(rows[0])
-        self._copy(conn, _STAGING["devices"], names, _json_text(s.devices, names, rows))
         cached = self._compiled.get("devices.upsert.pg")
         if cached is None or cached[0] != names:
             staged = _STAGING["devices"].c
@@ -405,7 +404,7 @@ class Store:
             return set()
         seen = s.messages_seen
         if self.dialect == "postgresql":
-            self._copy(conn, _STAGING["messages_seen"], ["message_id"], [(i,) for i in ids])
+            self._copy(conn, _STAGING["messages_seen"], [{"message_id": i} for i in ids])
             staged = _STAGING["messages_seen"].c
             stmt = (
                 postgresql.insert(seen)
@@ -427,25 +426,31 @@ class Store:
         )
         return set(conn.execute(stmt, [{"message_id": i, "received_at": now} for i in ids]).scalars())
 
-    def _copy(self, conn: Connection, table: Table, names: list[str], rows: Iterable[Sequence[Any]]) -> None:
-        """Write ``rows`` (tuples in the order of ``names``) into ``table`` with PostgreSQL's ``COPY``,
-        inside the connection's transaction. psycopg formats COPY rows in C: per row a fifth of the
-        client CPU of executemany (or of array parameters, which psycopg dumps element by element in
-        Python) and half the server's (docs/fleet.md, "Ingestion rate")."""
+    def _copy(self, conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
+        """Write ``rows`` (all with the same keys; JSON columns' values serialised here, None as NULL) into
+        ``table`` with PostgreSQL's ``COPY``, inside the connection's transaction. psycopg formats COPY
+        rows in C: per row a fifth of the client CPU of executemany (or of array parameters, which
+        psycopg dumps element by element in Python) and half the server's (docs/fleet.md)."""
         dialect = self.engine.dialect
         dbapi_conn = conn.connection.dbapi_connection
         assert dbapi_conn is not None
         cursor = dbapi_conn.cursor()
+        names = list(rows[0])
+        json_cols = [i for i, n in enumerate(names) if isinstance(table.c[n].type, JSON)]
         sql = f"COPY {table.name} ({', '.join(names)}) FROM STDIN"
         try:
             if table.name not in s.metadata.tables:
                 # A staging table: created where missing, in this transaction. Not once per connection at
                 # connect time: behind a pooler in transaction mode each transaction may get another
                 # server connection. A no-op (and a notice) where it exists.
-                cursor.execute(self._staging_ddl[table.name])
+                cursor.execute(_STAGING_DDL[table.name])
             with cursor.copy(sql) as copy:
                 for row in rows:
-                    copy.write_row(row)
+                    values = list(row.values())
+                    for i in json_cols:
+                        if values[i] is not None:
+                            values[i] = json.dumps(values[i])
+                    copy.write_row(values)
         except dialect.loaded_dbapi.Error as exc:
             # The driver's own error, as SQLAlchemy would have raised it (OperationalError for a lost
             # server, DataError for a refused value...), so the ingestor can tell a retry from a bad row;
@@ -611,19 +616,6 @@ class Store:
             conn.execute(upsert)
             row = conn.execute(select(c.holder).where(c.name == name)).scalar_one()
         return bool(row == holder)
-
-
-def _json_text(table: Table, names: list[str], rows: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
-    """Rows as tuples for :meth:`Store._copy`, JSON columns' values serialised (None stays NULL)."""
-    json_cols = [i for i, n in enumerate(names) if isinstance(table.c[n].type, JSON)]
-    out = []
-    for r in rows:
-        values = list(r.values())
-        for i in json_cols:
-            if values[i] is not None:
-                values[i] = json.dumps(values[i])
-        out.append(tuple(values))
-    return out
 
 
 def _metric_row(fleet: str, m: Metrics, ts: float) -> dict[str, Any]:
