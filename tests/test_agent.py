@@ -401,30 +401,24 @@ def test_tampered_bundle_is_refused_before_serving(bundle, signing_keys, broker,
         Agent(make_config(copy, signing_keys, broker.url, tmp_path / "state", "t-tamper"))
 
 
+def _agent_run(
+    bundle: Path, url: str, state: Path, public_key: Path, *, device: str, fleet: str, source: str
+) -> list[str]:
+    """`edgeprune agent run` serving ``source``, with metrics every 0.2 s."""
+    exe = Path(sys.executable).parent / "edgeprune"
+    return [
+        str(exe),
+        *("agent", "run", "--bundle", str(bundle), "--broker", url, "--device-id", device),
+        *("--state-dir", str(state), "--public-key", str(public_key), "--fleet", fleet),
+        *("--input", source, "--metrics-period", "0.2"),
+    ]
+
+
 def test_cli_run_and_sigterm(bundle, signing_keys, broker, tmp_path, npz_data) -> None:  # type: ignore[no-untyped-def]
     c = Collector(broker, "t-cli", "fleet-cli")
-    exe = Path(sys.executable).parent / "edgeprune"
-    cmd = [
-        str(exe),
-        "agent",
-        "run",
-        "--bundle",
-        str(bundle),
-        "--broker",
-        broker.url,
-        "--device-id",
-        "pi-01",
-        "--state-dir",
-        str(tmp_path),
-        "--public-key",
-        str(signing_keys.public),
-        "--fleet",
-        "t-cli",
-        "--input",
-        str(npz_data),
-        "--metrics-period",
-        "0.2",
-    ]
+    cmd = _agent_run(
+        bundle, broker.url, tmp_path, signing_keys.public, device="pi-01", fleet="t-cli", source=str(npz_data)
+    )
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
         try:
             metrics = c.wait(lambda m: isinstance(m, Metrics) and m.inferences > 0, timeout=60)
@@ -442,28 +436,9 @@ def test_sigterm_stops_an_agent_waiting_for_frames_on_stdin(bundle, signing_keys
     # `--input -` blocks reading the pipe between frames (a camera feeding it); SIGTERM must still stop
     # the agent cleanly, with what it served sent and its offline status published.
     c = Collector(broker, "t-stdin", "fleet-stdin")
-    exe = Path(sys.executable).parent / "edgeprune"
-    cmd = [
-        str(exe),
-        "agent",
-        "run",
-        "--bundle",
-        str(bundle),
-        "--broker",
-        broker.url,
-        "--device-id",
-        "pi-02",
-        "--state-dir",
-        str(tmp_path),
-        "--public-key",
-        str(signing_keys.public),
-        "--fleet",
-        "t-stdin",
-        "--input",
-        "-",
-        "--metrics-period",
-        "0.2",
-    ]
+    cmd = _agent_run(
+        bundle, broker.url, tmp_path, signing_keys.public, device="pi-02", fleet="t-stdin", source="-"
+    )
     frame = bytes(range(256)) * 3 + bytes(16)  # one 28x28 uint8 frame
     with subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
         assert proc.stdin is not None
