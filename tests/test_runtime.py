@@ -345,11 +345,17 @@ def test_switching_during_inferences_drops_and_mixes_nothing(
     switches = [0]
 
     def infer() -> None:
-        # at least 500 inferences and until 20 switches happened among them (an inference is a few
-        # microseconds: 500 of them can finish inside one GIL time slice of the other thread)
+        # at least 500 inferences and until 20 switches happened among them and both variants served
+        # (an inference is a few microseconds: 500 of them can finish inside one GIL time slice of the
+        # other thread, which may end on the same variant slice after slice)
+        served: set[str] = set()
         try:
-            while len(results) < 500 or (switches[0] < 20 and len(results) < 200_000):
-                results.append(server.infer(x))
+            while len(results) < 500 or (
+                (switches[0] < 20 or len(served) < len(VARIANTS)) and len(results) < 200_000
+            ):
+                result = server.infer(x)
+                served.add(result.variant)
+                results.append(result)
         except BaseException as exc:
             errors.append(exc)
         finally:
