@@ -308,6 +308,31 @@ def test_agent_serves_the_gated_variant_at_any_budget(
             assert r.macs == gating.realised(r.widths)[0] and r.density == 1.0
 
 
+@pytest.mark.export
+@pytest.mark.slow
+def test_gated_executorch_matches_onnx_and_keeps_earlier_results(
+    gated_bundle: CompileResult, signing_keys: KeyPair
+) -> None:
+    # the two runtimes run the same segments: the same widths and logits; and an ExecuTorch output lives
+    # in its method's planned memory until copied, so an earlier result must survive later inferences
+    manifest = open_bundle(gated_bundle.out, public_key=load_public_key(signing_keys.public))
+    servers = {
+        rt: ModelServer(gated_bundle.out, manifest, make_backend(rt), preload=["gated"])
+        for rt in ("onnx", "executorch")
+    }
+    for server in servers.values():
+        server.switch("gated")
+    images = np.random.default_rng(1).integers(0, 255, (5, 28, 28), dtype=np.uint8)
+    kept = []
+    for image, budget in zip(images, (0.25, 0.5, 0.75, 1.0, 0.25), strict=True):
+        et, ort_ = (servers[rt].infer(image, budget=budget) for rt in ("executorch", "onnx"))
+        assert et.widths == ort_.widths
+        assert np.abs(et.logits - ort_.logits).max() < 1e-4
+        kept.append((et.logits, et.logits.copy()))
+    for returned, copy in kept:
+        np.testing.assert_array_equal(returned, copy)
+
+
 def test_full_segment_is_the_full_width_net_and_takes_over_at_full_from() -> None:
     """Below ``full_from`` the gates pick; from it up the ``full`` path runs every block at full width,
     and it computes what the gated path computes when every gate picks full width."""
