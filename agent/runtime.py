@@ -160,8 +160,65 @@ def _onnx_runner(session: Any) -> Callable[[_Feed], list[np.ndarray]]:
     return native_run
 
 
+def _onnx_bound(session: Any, run: Callable[[_Feed], list[np.ndarray]]) -> Callable[[np.ndarray], np.ndarray]:
+    """``x -> first output`` for a single-input ``session``, through an I/O binding where that gives the
+    same outputs as ``run``, else ``run`` itself.
+
+    The binding holds one input and one output array for the session: a call copies ``x`` into the
+    first, runs, and copies the second out, so onnxruntime builds no input value and no output array per
+    run. That saves 2-4 us a call here, 5% of the smallest variant's 76 us (docs/agent.md). The arrays
+    are shared, so runs take a lock. The binding is used only for float inputs and outputs of fixed
+    shapes, after two probe runs (zeros, then ones) matched ``run`` exactly; an input of another shape or
+    dtype goes through ``run``, which rejects it with onnxruntime's own message.
+    """
+    (inp,), outputs = session.get_inputs(), session.get_outputs()
+
+    def unbound(x: np.ndarray) -> np.ndarray:
+        return run({inp.name: x})[0]
+
+    in_dtype = _ONNX_PROBE_DTYPES.get(inp.type)
+    out_dtype = _ONNX_PROBE_DTYPES.get(outputs[0].type)
+    run_bound = getattr(getattr(session, "_sess", None), "run_with_iobinding", None)
+    shapes = (tuple(inp.shape), tuple(outputs[0].shape))
+    if (
+        len(outputs) != 1
+        or in_dtype is None
+        or out_dtype is None
+        or run_bound is None
+        or not all(isinstance(d, int) and d > 0 for shape in shapes for d in shape)
+    ):
+        return unbound
+    x_in = np.zeros(shapes[0], in_dtype)
+    y_out = np.zeros(shapes[1], out_dtype)
+    lock = threading.Lock()
+    try:
+        binding = session.io_binding()
+        binding.bind_cpu_input(inp.name, x_in)
+        binding.bind_output(outputs[0].name, "cpu", 0, out_dtype, list(shapes[1]), y_out.ctypes.data)
+        native_binding, options = binding._iobinding, ort.RunOptions()
+    except Exception:  # another onnxruntime's binding API: the unbound call it is
+        return unbound
+
+    def bound(x: np.ndarray) -> np.ndarray:
+        if x.shape != x_in.shape or x.dtype != x_in.dtype:
+            return unbound(x)
+        with lock:
+            np.copyto(x_in, x)
+            run_bound(native_binding, options)
+            return y_out.copy()
+
+    try:
+        for fill in (0.0, 1.0):
+            probe = np.full(shapes[0], fill, in_dtype)
+            if not np.array_equal(bound(probe), unbound(probe), equal_nan=True):
+                return unbound
+    except Exception:
+        return unbound
+    return bound
+
+
 class _OnnxModel:
-    __slots__ = ("_input", "_run", "session")
+    __slots__ = ("_run", "session")
 
     def __init__(self, session: Any) -> None:
         inputs = session.get_inputs()
@@ -169,11 +226,10 @@ class _OnnxModel:
             names = [i.name for i in inputs]
             raise BackendError(f"the graph has {len(inputs)} inputs {names}; only single-input graphs run")
         self.session = session
-        self._input: str = inputs[0].name
-        self._run = _onnx_runner(session)
+        self._run = _onnx_bound(session, _onnx_runner(session))
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        return self._run({self._input: x})[0]
+        return self._run(x)
 
 
 _Segment = Callable[[list[Any]], Sequence[Any]]

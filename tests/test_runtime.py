@@ -7,7 +7,7 @@ import shutil
 import sys
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import onnxruntime as ort
@@ -22,6 +22,7 @@ from agent.runtime import (
     LoadedModel,
     ModelServer,
     OnnxBackend,
+    _OnnxModel,
     make_backend,
     preprocess,
 )
@@ -466,3 +467,48 @@ def test_onnx_runs_through_the_native_session_only_where_it_matches_the_public_r
         fallback = _onnx_runner(Proxy(native))
         assert fallback.__name__ == "public"
         np.testing.assert_array_equal(fallback({"x": x})[0], session.run(None, {"x": x})[0])
+
+
+def test_onnx_runs_single_input_graphs_through_an_io_binding_that_keeps_every_result(tmp_path: Path) -> None:
+    from tests.test_memory import _conv_model
+
+    model = OnnxBackend(threads=1).load(_conv_model(tmp_path / "tiny.onnx"))
+    assert isinstance(model, _OnnxModel) and model._run.__name__ == "bound"
+    xs = np.random.default_rng(3).random((4, 1, 1, 28, 28), dtype=np.float32)
+    results = [model.run(x) for x in xs]
+    for x, got in zip(xs, results, strict=True):  # each result is its own array, not the binding's buffer
+        np.testing.assert_array_equal(got, model.session.run(None, {"x": x})[0])
+    assert len({r.tobytes() for r in results}) == len(xs)
+    # another shape or dtype leaves the binding alone and gets onnxruntime's own complaint
+    with pytest.raises(Exception, match=r"(?i)invalid dimensions|shape"):
+        model.run(np.zeros((1, 1, 27, 27), np.float32))
+    with pytest.raises(Exception, match=r"(?i)type"):
+        model.run(np.zeros((1, 1, 28, 28), np.float64))
+    np.testing.assert_array_equal(model.run(xs[0]), results[0])
+
+
+def test_onnx_io_binding_is_used_only_where_its_probe_matches_the_plain_run(tmp_path: Path) -> None:
+    from agent.runtime import _onnx_bound, _onnx_runner
+    from tests.test_memory import _conv_model
+
+    session = OnnxBackend(threads=1)._session(_conv_model(tmp_path / "tiny.onnx"))
+
+    class Stale:  # a native object whose bound run never writes the output (another onnxruntime, say)
+        def run(self, names: list[str], feed: dict[str, np.ndarray], options: object) -> list[np.ndarray]:
+            return cast(list[np.ndarray], session._sess.run(names, feed, options))
+
+        def run_with_iobinding(self, binding: object, options: object) -> None:
+            return None
+
+    class Proxy:
+        def __init__(self, native: object) -> None:
+            self._sess = native
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(session, name)
+
+    x = np.random.default_rng(4).random((1, 1, 28, 28), dtype=np.float32)
+    for proxy in (Proxy(Stale()), Proxy(None)):
+        run = _onnx_bound(proxy, _onnx_runner(proxy))
+        assert run.__name__ == "unbound"
+        np.testing.assert_array_equal(run(x), session.run(None, {"x": x})[0])
