@@ -130,8 +130,8 @@ def test_metrics_update_variant_battery_and_last_seen(db_url: str) -> None:  # n
 
 
 def test_a_batch_keeps_every_metrics_column_and_registry_field(db_url: str) -> None:  # noqa: F811
-    # PostgreSQL takes these rows through COPY and the registry and message ids through unnest'ed arrays,
-    # SQLite through executemany: both must store the same values, NULLs and JSON included.
+    # PostgreSQL takes these rows, the registry rows and the message ids through COPY (the last two via
+    # staging tables), SQLite through executemany: both must store the same values, NULLs and JSON included.
     full = Metrics(
         **at(5, device_id="pi-02"),
         window_s=10,

@@ -8,17 +8,14 @@ from tests.samples import sample_manifest
 
 
 def _with_static_latency(ms: dict[str, float]) -> BundleManifest:
+    """The sample manifest with every other variant at 1.5 ms and the static one at ``ms`` per runtime."""
     manifest = sample_manifest()
+
+    def latency(per_runtime: dict[str, float]) -> dict[str, Latency]:
+        return {rt: Latency(median_ms=t, p90_ms=t, threads=1, runs=100) for rt, t in per_runtime.items()}
+
     variants = tuple(
-        v.model_copy(
-            update={
-                "latency": {rt: Latency(median_ms=t, p90_ms=t, threads=1, runs=100) for rt, t in ms.items()}
-            }
-        )
-        if v.kind == "static"
-        else v.model_copy(
-            update={"latency": {rt: Latency(median_ms=1.5, p90_ms=1.5, threads=1, runs=100) for rt in ms}}
-        )
+        v.model_copy(update={"latency": latency(ms if v.kind == "static" else dict.fromkeys(ms, 1.5))})
         for v in manifest.variants
     )
     return manifest.model_copy(update={"variants": variants})
