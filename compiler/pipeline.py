@@ -52,7 +52,7 @@ from compiler.prune.sensitivity import allocate, scan
 from compiler.prune.static import MAX_RATIO, prunable_groups, prune
 from compiler.prune.unstructured import sparsify
 from compiler.report import markdown_report, pareto_plot
-from compiler.train import TrainConfig, evaluate, train
+from compiler.train import TrainConfig, evaluate, teacher_logits, train
 
 __all__ = ["CompileOptions", "CompileResult", "compile_bundle"]
 
@@ -182,6 +182,16 @@ def _ladder(
         )
         return count_macs_params(clone, example)[0]
 
+    # the teacher's outputs, once for every fine-tuning step of every variant (no augmentation: each
+    # image is the same in every epoch, so are its outputs); too large a table, or augmentation, and
+    # the dense model runs in each step instead
+    teacher: nn.Module | torch.Tensor = dense
+    if opts.finetune_epochs > 0 and not opts.train.augment:
+        with clock.stage(
+            "teacher outputs", f"dense outputs on {len(splits.train)} training images, for distillation"
+        ):
+            table = teacher_logits(dense, splits.train, precision=opts.train.precision)
+        teacher = dense if table is None else table
     sens = None
     if opts.auto:
         with clock.stage("sensitivity scan", f"scanning the sensitivity of {len(groups)} channel groups"):
@@ -208,6 +218,7 @@ def _ladder(
             model, plan = _prune_iteratively(
                 opts=opts,
                 dense=dense,
+                teacher=teacher,
                 ratios=ratios,
                 splits=splits,
                 example=example,
@@ -239,6 +250,7 @@ def _prune_iteratively(
     *,
     opts: CompileOptions,
     dense: nn.Module,
+    teacher: nn.Module | torch.Tensor,
     ratios: dict[str, float],
     splits: Splits,
     example: torch.Tensor,
@@ -286,7 +298,7 @@ def _prune_iteratively(
                 model.to(memory_format=torch.channels_last),
                 splits.train,
                 cfg,
-                teacher=dense,
+                teacher=teacher,
                 desc=f"finetune {name} ({i + 1}/{k})",
             )
     plan = PruningPlan(

@@ -4,6 +4,10 @@ Built for the CPU; a model moved to a GPU trains there too (``bench/train_recipe
 how the defaults were chosen). ``train`` runs SGD with Nesterov momentum and a one-cycle learning
 rate; when a ``teacher`` is given, the loss mixes cross-entropy with the KL divergence to the teacher's
 softened outputs (Hinton et al.), which is how pruned variants recover accuracy from the dense model.
+
+Without augmentation a sample is the same image in every epoch, so the teacher's outputs are too:
+``teacher_logits`` computes them once for the whole training set and ``train`` takes that table in
+place of the teacher, which saves one dense forward pass per fine-tuning step (docs/compiler.md).
 """
 
 from __future__ import annotations
@@ -21,7 +25,15 @@ from torch import nn
 from compiler.data import TensorData, augment
 from compiler.progress import progress
 
-__all__ = ["TrainConfig", "default_precision", "evaluate", "native_bf16", "train"]
+__all__ = [
+    "TEACHER_TABLE_LIMIT",
+    "TrainConfig",
+    "default_precision",
+    "evaluate",
+    "native_bf16",
+    "teacher_logits",
+    "train",
+]
 
 log = logging.getLogger(__name__)
 
@@ -88,20 +100,103 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters(), torch.empty(0)).device
 
 
+TEACHER_TABLE_LIMIT = 512 * 2**20
+"""Largest table of teacher outputs (bytes) :func:`teacher_logits` builds; past it (a data set of millions
+of images, or thousands of classes) the teacher runs in every step instead."""
+
+
+def teacher_logits(
+    teacher: nn.Module, data: TensorData, *, precision: str = "fp32", batch_size: int = 1000
+) -> torch.Tensor | None:
+    """The teacher's logits for every sample of ``data`` in order (float32 ``[N, classes]``, on the CPU),
+    computed in eval mode with ``precision`` as :func:`train` would compute them, or None where the table
+    would pass :data:`TEACHER_TABLE_LIMIT` bytes.
+
+    Only for training without augmentation: ``train`` refuses the table when ``augment`` is on, because
+    the images it trains on would no longer be the ones the table was computed on.
+    """
+    if len(data) == 0:
+        raise ValueError("no training data to compute the teacher's outputs on")
+    was_training = teacher.training
+    teacher.eval()
+    device = _device(teacher)
+    rows: list[torch.Tensor] = []
+    with torch.inference_mode(), progress(total=len(data), desc="teacher outputs", unit="img") as bar:
+        for i in range(0, len(data), batch_size):
+            x = data.x[i : i + batch_size].to(device).contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                out = teacher(x)
+            rows.append(out.float().cpu())
+            if len(rows) == 1 and out.shape[1] * len(data) * 4 > TEACHER_TABLE_LIMIT:
+                teacher.train(was_training)
+                return None
+            bar.update(len(x))
+    teacher.train(was_training)
+    return torch.cat(rows)
+
+
+def _check_table(table: torch.Tensor, data: TensorData, config: TrainConfig) -> None:
+    if config.augment:
+        raise ValueError(
+            "teacher outputs computed once cannot distil augmented images: pass the teacher model"
+        )
+    if table.ndim != 2 or table.shape[0] != len(data):
+        raise ValueError(
+            f"teacher outputs have shape {tuple(table.shape)}; "
+            f"expected one row per sample ({len(data)}, classes)"
+        )
+
+
+def _teacher_out(
+    teacher: nn.Module | torch.Tensor | None, x: torch.Tensor, idx: torch.Tensor, device: torch.device
+) -> torch.Tensor | None:
+    """The teacher's logits for the batch ``x`` = samples ``idx``: looked up in a table, or computed."""
+    if teacher is None:
+        return None
+    if isinstance(teacher, torch.Tensor):
+        return teacher[idx.to(teacher.device)].to(device)
+    with torch.no_grad():
+        return teacher(x).float()
+
+
+def _loss(
+    logits: torch.Tensor, y: torch.Tensor, soft: torch.Tensor | None, config: TrainConfig
+) -> torch.Tensor:
+    """Cross-entropy with label smoothing, mixed with the distillation term when there are teacher logits."""
+    loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
+    if soft is None:
+        return loss
+    t = config.kd_temperature
+    kd = (
+        F.kl_div(
+            F.log_softmax(logits / t, dim=1),
+            F.log_softmax(soft.float() / t, dim=1),
+            log_target=True,
+            reduction="batchmean",
+        )
+        * t**2
+    )
+    return (1 - config.kd_alpha) * loss + config.kd_alpha * kd
+
+
 def train(
     model: nn.Module,
     data: TensorData,
     config: TrainConfig,
     *,
-    teacher: nn.Module | None = None,
+    teacher: nn.Module | torch.Tensor | None = None,
     desc: str = "train",
 ) -> nn.Module:
     """Train ``model`` in place on ``data`` and return it (in eval mode).
 
     ``config.epochs`` may be fractional (0.5 = half an epoch), which keeps fine-tuning budgets exact.
     Batches move to the model's device (``teacher`` must be on it too); the shuffling and augmentation
-    draws stay on the CPU, so a seed means the same batches on any device.
+    draws stay on the CPU, so a seed means the same batches on any device. ``teacher`` is a model, run on
+    every batch, or its outputs for every sample of ``data`` from :func:`teacher_logits` (no
+    augmentation then): the same batches and the same loss without the teacher's forward passes.
     """
+    if isinstance(teacher, torch.Tensor):
+        _check_table(teacher, data, config)
     device = _device(model)
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
@@ -117,7 +212,7 @@ def train(
         nesterov=True,
     )
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=total, pct_start=0.2)
-    if teacher is not None:
+    if isinstance(teacher, nn.Module):
         teacher.eval()
     model.train()
     started = time.monotonic()
@@ -134,24 +229,9 @@ def train(
                     x = augment(x, gen)
                 x = x.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
-                    logits = model(x)
-                    if teacher is not None:
-                        with torch.no_grad():
-                            teacher_logits = teacher(x)
-                logits = logits.float()
-                loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
-                if teacher is not None:
-                    soft = F.log_softmax(teacher_logits.float() / config.kd_temperature, dim=1)
-                    kd = (
-                        F.kl_div(
-                            F.log_softmax(logits / config.kd_temperature, dim=1),
-                            soft,
-                            log_target=True,
-                            reduction="batchmean",
-                        )
-                        * config.kd_temperature**2
-                    )
-                    loss = (1 - config.kd_alpha) * loss + config.kd_alpha * kd
+                    logits = model(x).float()
+                    soft = _teacher_out(teacher, x, idx, device)
+                loss = _loss(logits, y, soft, config)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
