@@ -12,6 +12,7 @@ place of the teacher, which saves one dense forward pass per fine-tuning step (d
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import math
@@ -106,7 +107,7 @@ of images, or thousands of classes) the teacher runs in every step instead."""
 
 
 def teacher_logits(
-    teacher: nn.Module, data: TensorData, *, precision: str = "fp32", batch_size: int = 1000
+    teacher: nn.Module, data: TensorData, *, precision: str = "fp32", batch_size: int = 128
 ) -> torch.Tensor | None:
     """The teacher's logits for every sample of ``data`` in order (float32 ``[N, classes]``, on the CPU),
     computed in eval mode with ``precision`` as :func:`train` would compute them, or None where the table
@@ -117,8 +118,9 @@ def teacher_logits(
     """
     if len(data) == 0:
         raise ValueError("no training data to compute the teacher's outputs on")
-    was_training = teacher.training
-    teacher.eval()
+    # a channels-last copy: oneDNN's fast path on the CPU wants weights and images both in that layout
+    # (in batches of 128: 1.5-2x faster than the model as exported, or than batches of 1,000)
+    teacher = copy.deepcopy(teacher).eval().to(memory_format=torch.channels_last)
     device = _device(teacher)
     rows: list[torch.Tensor] = []
     with torch.inference_mode(), progress(total=len(data), desc="teacher outputs", unit="img") as bar:
@@ -128,10 +130,8 @@ def teacher_logits(
                 out = teacher(x)
             rows.append(out.float().cpu())
             if len(rows) == 1 and out.shape[1] * len(data) * 4 > TEACHER_TABLE_LIMIT:
-                teacher.train(was_training)
                 return None
             bar.update(len(x))
-    teacher.train(was_training)
     return torch.cat(rows)
 
 
@@ -213,7 +213,8 @@ def train(
     )
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=total, pct_start=0.2)
     if isinstance(teacher, nn.Module):
-        teacher.eval()
+        # channels last, as the batches: the model as exported (the default layout) ran 2x slower here
+        teacher = copy.deepcopy(teacher).eval().to(memory_format=torch.channels_last)
     model.train()
     started = time.monotonic()
     step = 0
