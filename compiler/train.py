@@ -31,6 +31,7 @@ __all__ = [
     "TrainConfig",
     "default_precision",
     "evaluate",
+    "kd_loss",
     "native_bf16",
     "teacher_logits",
     "train",
@@ -166,17 +167,22 @@ def _loss(
     loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
     if soft is None:
         return loss
-    t = config.kd_temperature
-    kd = (
+    return (1 - config.kd_alpha) * loss + config.kd_alpha * kd_loss(
+        logits, soft.float(), config.kd_temperature
+    )
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton et al.'s distillation term: KL divergence between the softened outputs, times T^2."""
+    return (
         F.kl_div(
-            F.log_softmax(logits / t, dim=1),
-            F.log_softmax(soft.float() / t, dim=1),
+            F.log_softmax(student / temperature, dim=1),
+            F.log_softmax(teacher / temperature, dim=1),
             log_target=True,
             reduction="batchmean",
         )
-        * t**2
+        * temperature**2
     )
-    return (1 - config.kd_alpha) * loss + config.kd_alpha * kd
 
 
 def train(

@@ -24,7 +24,7 @@ from torch import nn
 from compiler.data import TensorData, augment
 from compiler.gating.slim import SlimNet
 from compiler.progress import progress
-from compiler.train import default_precision
+from compiler.train import default_precision, kd_loss
 
 __all__ = ["BudgetResult", "GateTrainConfig", "evaluate_gated", "train_gates", "train_slim"]
 
@@ -50,18 +50,6 @@ class GateTrainConfig:
     seed: int = 0
     precision: str = field(default_factory=default_precision)  # the shared-width step only
     augment: bool = False  # random shifts and flips, as in TrainConfig (off: see its docstring)
-
-
-def _kd(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    return (
-        F.kl_div(
-            F.log_softmax(student / temperature, dim=1),
-            F.log_softmax(teacher / temperature, dim=1),
-            log_target=True,
-            reduction="batchmean",
-        )
-        * temperature**2
-    )
 
 
 def _batches(
@@ -113,10 +101,10 @@ def train_slim(net: SlimNet, data: TensorData, config: GateTrainConfig, *, teach
                     soft = teacher(x).float()
                 full = net(x).float()
                 narrow = [net(x, widths).float() for widths in configs]
-            loss = 0.5 * F.cross_entropy(full, y) + 0.5 * _kd(full, soft, config.kd_temperature)
+            loss = 0.5 * F.cross_entropy(full, y) + 0.5 * kd_loss(full, soft, config.kd_temperature)
             target = full.detach()
             for out in narrow:
-                loss = loss + _kd(out, target, config.kd_temperature)
+                loss = loss + kd_loss(out, target, config.kd_temperature)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -146,7 +134,9 @@ def train_gates(net: SlimNet, data: TensorData, config: GateTrainConfig) -> Slim
             with torch.no_grad():
                 target = net(x)
             logits, share, _ = net.gated(x, budget, tau=config.tau)
-            loss = _kd(logits, target, config.kd_temperature) + config.penalty * (share.mean() - budget) ** 2
+            loss = (
+                kd_loss(logits, target, config.kd_temperature) + config.penalty * (share.mean() - budget) ** 2
+            )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
