@@ -159,8 +159,32 @@ def _dense(opts: CompileOptions, splits: Splits) -> nn.Module:
     return model.eval()
 
 
+def _teacher_table(
+    opts: CompileOptions, dense: nn.Module, splits: Splits, clock: _Clock
+) -> torch.Tensor | None:
+    """The dense model's outputs on every training image, computed once for the static ladder's
+    fine-tuning and the gated variant's shared widths to distil from, where they can stand for the model
+    (no augmentation: each image, so its outputs, is the same in every epoch); None where nothing can use
+    them or the table would pass :data:`~compiler.train.TEACHER_TABLE_LIMIT`: the model runs in every
+    step then."""
+    ladder = bool(opts.ratios) and opts.finetune_epochs > 0 and not opts.train.augment
+    gated = opts.gated and not opts.gate.augment and opts.gate.precision == opts.train.precision
+    if not (ladder or gated):
+        return None
+    with clock.stage(
+        "teacher outputs", f"dense outputs on {len(splits.train)} training images, for distillation"
+    ):
+        return teacher_logits(dense, splits.train, precision=opts.train.precision)
+
+
 def _ladder(
-    opts: CompileOptions, dense: nn.Module, splits: Splits, example: torch.Tensor, clock: _Clock
+    opts: CompileOptions,
+    dense: nn.Module,
+    splits: Splits,
+    example: torch.Tensor,
+    clock: _Clock,
+    *,
+    table: torch.Tensor | None,
 ) -> list[_Built]:
     calib = splits.train.subset(opts.calibration_samples, seed=1)
     validation = splits.train.subset(opts.validation_samples, seed=2)
@@ -182,16 +206,7 @@ def _ladder(
         )
         return count_macs_params(clone, example)[0]
 
-    # the teacher's outputs, once for every fine-tuning step of every variant (no augmentation: each
-    # image is the same in every epoch, so are its outputs); too large a table, or augmentation, and
-    # the dense model runs in each step instead
-    teacher: nn.Module | torch.Tensor = dense
-    if opts.finetune_epochs > 0 and not opts.train.augment:
-        with clock.stage(
-            "teacher outputs", f"dense outputs on {len(splits.train)} training images, for distillation"
-        ):
-            table = teacher_logits(dense, splits.train, precision=opts.train.precision)
-        teacher = dense if table is None else table
+    teacher = dense if table is None or opts.train.augment else table
     sens = None
     if opts.auto:
         with clock.stage("sensitivity scan", f"scanning the sensitivity of {len(groups)} channel groups"):
@@ -347,11 +362,22 @@ def compile_bundle(opts: CompileOptions) -> CompileResult:
             f"accuracy {dense_acc:.4f}"
         )
     built = [_Built("dense", dense, None, dense_acc, dense_macs, dense_params)]
-    built += _ladder(opts, dense, splits, example, clock)
+    table = _teacher_table(opts, dense, splits, clock)
+    built += _ladder(opts, dense, splits, example, clock, table=table)
     gated: GatedBuild | None = None
     if opts.gated:
         with clock.stage("gated", "gated variant: shared widths, then gates with a compute penalty"):
-            gated = build_gated(dense, splits, example, opts.gate, dense_key=_dense_key(opts, splits))
+            usable = (
+                table is not None and not opts.gate.augment and opts.gate.precision == opts.train.precision
+            )
+            gated = build_gated(
+                dense,
+                splits,
+                example,
+                opts.gate,
+                dense_key=_dense_key(opts, splits),
+                teacher=table if usable else None,
+            )
 
     opts.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{opts.out.name}.tmp-", dir=opts.out.parent))

@@ -29,10 +29,12 @@ from compiler.progress import progress
 __all__ = [
     "TEACHER_TABLE_LIMIT",
     "TrainConfig",
+    "check_teacher_table",
     "default_precision",
     "evaluate",
     "kd_loss",
     "native_bf16",
+    "teacher_batch",
     "teacher_logits",
     "train",
 ]
@@ -136,8 +138,10 @@ def teacher_logits(
     return torch.cat(rows)
 
 
-def _check_table(table: torch.Tensor, data: TensorData, config: TrainConfig) -> None:
-    if config.augment:
+def check_teacher_table(table: torch.Tensor, data: TensorData, *, augment: bool) -> None:
+    """Refuse a table of teacher outputs (:func:`teacher_logits`) that cannot stand for the teacher while
+    training on ``data``: augmented images, or not one row per sample. A ValueError says which."""
+    if augment:
         raise ValueError(
             "teacher outputs computed once cannot distil augmented images: pass the teacher model"
         )
@@ -148,7 +152,7 @@ def _check_table(table: torch.Tensor, data: TensorData, config: TrainConfig) -> 
         )
 
 
-def _teacher_out(
+def teacher_batch(
     teacher: nn.Module | torch.Tensor | None, x: torch.Tensor, idx: torch.Tensor, device: torch.device
 ) -> torch.Tensor | None:
     """The teacher's logits for the batch ``x`` = samples ``idx``: looked up in a table, or computed."""
@@ -202,7 +206,7 @@ def train(
     augmentation then): the same batches and the same loss without the teacher's forward passes.
     """
     if isinstance(teacher, torch.Tensor):
-        _check_table(teacher, data, config)
+        check_teacher_table(teacher, data, augment=config.augment)
     device = _device(model)
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
@@ -237,7 +241,7 @@ def train(
                 x = x.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
                     logits = model(x).float()
-                    soft = _teacher_out(teacher, x, idx, device)
+                    soft = teacher_batch(teacher, x, idx, device)
                 loss = _loss(logits, y, soft, config)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

@@ -30,9 +30,10 @@ from compiler.gating.slim import (
     order_channels,
     width_choices,
 )
-from compiler.gating.train import GateTrainConfig, evaluate_gated
+from compiler.gating.train import GateTrainConfig, evaluate_gated, train_slim
 from compiler.pipeline import CompileResult
 from compiler.reference import BasicBlock
+from compiler.train import teacher_logits
 from tests.conftest import options
 from tests.tiny_models import Residual, small_reference
 
@@ -65,6 +66,35 @@ def test_ordering_channels_keeps_the_function() -> None:
     score = block.bn1.weight.abs() * block.conv2.weight.abs().sum(dim=(0, 2, 3))
     assert torch.all(score[:-1] >= score[1:]), "not sorted by importance"
     assert torch.allclose(block(x), before, atol=1e-5)
+
+
+def _slim_trained(teacher: nn.Module | torch.Tensor, data: TensorData) -> dict[str, torch.Tensor]:
+    slim = SlimNet(_net(), torch.zeros(1, 1, 28, 28))
+    # 1.5 epochs of 64 over 192 images: the second epoch reshuffles, so rows read out of order show
+    config = GateTrainConfig(slim_epochs=1.5, batch_size=64, lr=0.2, precision="fp32")
+    return train_slim(slim, data, config, teacher=teacher).state_dict()
+
+
+def test_shared_widths_distil_from_a_table_as_from_the_dense_model_itself() -> None:
+    """The compile computes the dense outputs once for the ladder and the gated variant both."""
+    gen = torch.Generator().manual_seed(3)
+    data = TensorData(torch.randn(192, 1, 28, 28, generator=gen), torch.randint(0, 10, (192,), generator=gen))
+    teacher = _net()
+    with torch.no_grad():  # a teacher with outputs far from the student's own, so the term matters
+        teacher.head.weight.mul_(5)
+    table = teacher_logits(teacher, data)
+    assert table is not None
+    live = _slim_trained(teacher, data)
+
+    def max_diff(other: dict[str, torch.Tensor]) -> float:
+        return max(float((live[k].float() - v.float()).abs().max()) for k, v in other.items())
+
+    assert max_diff(_slim_trained(table, data)) < 1e-5
+    # the comparison can tell: the rows of other samples give other weights (1e-3 apart here)
+    assert max_diff(_slim_trained(table.roll(1, dims=0), data)) > 1e-4
+    with pytest.raises(ValueError, match="augmented"):
+        slim = SlimNet(_net(), torch.zeros(1, 1, 28, 28))
+        train_slim(slim, data, GateTrainConfig(slim_epochs=0.1, augment=True), teacher=table)
 
 
 def test_full_width_equals_the_dense_model() -> None:

@@ -131,18 +131,22 @@ def build_gated(
     config: GateTrainConfig,
     *,
     dense_key: str,
+    teacher: nn.Module | torch.Tensor | None = None,
     budgets: Sequence[float] = BUDGETS,
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
     default_tolerance: float = 0.005,
 ) -> GatedBuild:
-    """Train (or load from the cache) the gated net of ``dense`` and measure its budget curve."""
+    """Train (or load from the cache) the gated net of ``dense`` and measure its budget curve.
+
+    ``teacher`` is what the shared widths distil from: ``dense`` (the default), or its outputs on every
+    training image, computed once by the compile (:func:`compiler.train.teacher_logits`)."""
     net = SlimNet(dense, example, fractions=fractions)
     key = cache.cache_key(dense=dense_key, gate=config, fractions=tuple(fractions), n=len(splits.train))
     if cache.load_cached(net, key, kind="gated"):
         print(f"    reusing cached gated checkpoint {key} from {cache.cache_dir()}")
     else:
         started = time.monotonic()
-        train_slim(net, splits.train, config, teacher=dense)
+        train_slim(net, splits.train, config, teacher=dense if teacher is None else teacher)
         train_gates(net, splits.train, config)
         path = cache.store(net, key, kind="gated")
         print(f"    trained in {time.monotonic() - started:.0f}s; cached the gated checkpoint at {path}")

@@ -24,7 +24,7 @@ from torch import nn
 from compiler.data import TensorData, augment
 from compiler.gating.slim import SlimNet
 from compiler.progress import progress
-from compiler.train import default_precision, kd_loss
+from compiler.train import check_teacher_table, default_precision, kd_loss, teacher_batch
 
 __all__ = ["BudgetResult", "GateTrainConfig", "evaluate_gated", "train_gates", "train_slim"]
 
@@ -54,7 +54,8 @@ class GateTrainConfig:
 
 def _batches(
     data: TensorData, config: GateTrainConfig, epochs: float, gen: torch.Generator
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(images, labels, their indices in ``data``) for ``epochs`` epochs of shuffled batches."""
     steps = max(1, round(epochs * math.ceil(len(data) / config.batch_size)))
     done = 0
     while done < steps:
@@ -64,7 +65,7 @@ def _batches(
                 return
             idx = order[i : i + config.batch_size]
             x = data.x[idx]
-            yield (augment(x, gen) if config.augment else x), data.y[idx]
+            yield (augment(x, gen) if config.augment else x), data.y[idx], idx
             done += 1
 
 
@@ -72,8 +73,19 @@ def _steps(data: TensorData, config: GateTrainConfig, epochs: float) -> int:
     return max(1, round(epochs * math.ceil(len(data) / config.batch_size)))
 
 
-def train_slim(net: SlimNet, data: TensorData, config: GateTrainConfig, *, teacher: nn.Module) -> SlimNet:
-    """Step 1 (see the module docstring): train the shared weights at every width, in place."""
+def train_slim(
+    net: SlimNet, data: TensorData, config: GateTrainConfig, *, teacher: nn.Module | torch.Tensor
+) -> SlimNet:
+    """Step 1 (see the module docstring): train the shared weights at every width, in place.
+
+    ``teacher`` is the dense model, run on every batch, or its outputs for every sample of ``data``
+    (:func:`compiler.train.teacher_logits`, no augmentation then): the compile computes those once for
+    the static ladder and the gated variant both.
+    """
+    if isinstance(teacher, torch.Tensor):
+        check_teacher_table(teacher, data, augment=config.augment)
+    else:
+        teacher.eval()
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
     params = [p for n, p in net.named_parameters() if not n.startswith("gates.")]
@@ -87,18 +99,17 @@ def train_slim(net: SlimNet, data: TensorData, config: GateTrainConfig, *, teach
     )
     total = _steps(data, config, config.slim_epochs)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
-    teacher.eval()
     net.train()
     counts = net.width_count
     started = time.monotonic()
     with progress(total=total, desc="train gated: shared widths", unit="step") as bar:
-        for step, (x, y) in enumerate(_batches(data, config, config.slim_epochs, gen)):
+        for step, (x, y, idx) in enumerate(_batches(data, config, config.slim_epochs, gen)):
             configs: list[Sequence[int]] = [[0] * len(counts)]
             for _ in range(config.random_widths):
                 configs.append([int(torch.randint(c, (1,), generator=gen)) for c in counts])
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.precision == "bf16"):
-                with torch.no_grad():
-                    soft = teacher(x).float()
+                soft = teacher_batch(teacher, x, idx, x.device)
+                assert soft is not None  # a teacher is always given here
                 full = net(x).float()
                 narrow = [net(x, widths).float() for widths in configs]
             loss = 0.5 * F.cross_entropy(full, y) + 0.5 * kd_loss(full, soft, config.kd_temperature)
@@ -127,7 +138,7 @@ def train_gates(net: SlimNet, data: TensorData, config: GateTrainConfig) -> Slim
     net.eval()  # frozen batch norms; the Gumbel noise is what samples
     started = time.monotonic()
     with progress(total=total, desc="train gated: gates", unit="step") as bar:
-        for step, (x, _) in enumerate(_batches(data, config, config.gate_epochs, gen)):
+        for step, (x, _, _) in enumerate(_batches(data, config, config.gate_epochs, gen)):
             budget = config.budget_min + (config.budget_max - config.budget_min) * float(
                 torch.rand((), generator=gen)
             )
