@@ -7,27 +7,84 @@ the dense model on the batch. This times both on the reference model and the rea
 dense model (untrained: the time does not depend on the weights) distils into a student of the width
 of each ladder step (every channel group at that ratio), ``--steps`` steps per round each way,
 alternating, ``--rounds`` times (the first is a warm-up and dropped), plus the one-off cost of the table.
-It then projects one compile's fine-tuning (``--epochs`` per variant) both ways.
+It then projects one compile's fine-tuning (``--epochs`` per variant) both ways. The gated variant's
+shared-width training (``--gated``, :func:`compiler.gating.train.train_slim`) distils from the same
+table: it is timed the same way and projected over its ``slim_epochs``.
 
-    python bench/distill_table.py [--steps 60] [--rounds 3] [--json out/bench-distill-table.json]
+    python bench/distill_table.py [--steps 60] [--rounds 3] [--gated] [--json out/bench-distill-table.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from compiler.data import load_splits
+from compiler.data import TensorData, load_splits
+from compiler.gating.slim import SlimNet
+from compiler.gating.train import GateTrainConfig, train_slim
 from compiler.models import load_model
 from compiler.prune.static import prunable_groups, prune
 from compiler.train import TrainConfig, native_bf16, teacher_logits, train
+
+
+def _both_ways(run: Callable[[str, int], float], rounds: int, steps: int) -> dict:
+    """Median ms per step of ``run(way, round)``, the teacher and the table alternating, round 0 dropped."""
+    times: dict[str, list[float]] = {"teacher": [], "table": []}
+    for r in range(rounds):
+        for way, values in times.items():
+            seconds = run(way, r)
+            if r > 0:
+                values.append(seconds / steps)
+    return {f"{way}_ms": statistics.median(v) * 1e3 for way, v in times.items()} | {"rounds": times}
+
+
+def _print(
+    args: argparse.Namespace,
+    train_data: TensorData,
+    rows: list[dict],
+    gated: dict | None,
+    *,
+    table_s: float,
+    steps_per_epoch: int,
+) -> dict[str, float]:
+    """Print the table and return the projected fine-tuning seconds of a compile, both ways."""
+    steps = args.epochs * steps_per_epoch
+    live_s = sum(r["teacher_ms"] for r in rows) * steps / 1e3
+    table_total_s = sum(r["table_ms"] for r in rows) * steps / 1e3 + table_s
+    print()
+    print(
+        f"{args.model} on {args.data} ({len(train_data)} training images), batch "
+        f"{TrainConfig().batch_size}, {torch.get_num_threads()} threads, precision {TrainConfig().precision}"
+    )
+    print(f"{'variant':<12}{'teacher ms/step':>17}{'table ms/step':>15}{'ratio':>8}")
+    for r in rows:
+        name = f"static-{round(r['ratio'] * 100)}"
+        print(
+            f"{name:<12}{r['teacher_ms']:>17.1f}{r['table_ms']:>15.1f}"
+            f"{r['teacher_ms'] / r['table_ms']:>7.2f}x"
+        )
+    if gated is not None:
+        slim_steps = GateTrainConfig().slim_epochs * steps_per_epoch
+        print(
+            f"{'gated':<12}{gated['teacher_ms']:>17.1f}{gated['table_ms']:>15.1f}"
+            f"{gated['teacher_ms'] / gated['table_ms']:>7.2f}x   (its shared widths: "
+            f"{gated['teacher_ms'] * slim_steps / 1e3:.0f} s -> {gated['table_ms'] * slim_steps / 1e3:.0f} s)"
+        )
+    print(f"table of teacher outputs: {table_s:.1f} s once")
+    print(
+        f"fine-tuning {len(rows)} variants x {args.epochs:g} epochs: teacher in every step {live_s:.0f} s, "
+        f"table {table_total_s:.0f} s (incl. the table): {live_s / table_total_s:.2f}x"
+    )
+    return {"teacher": live_s, "table": table_total_s}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--epochs", type=float, default=2.0, help="fine-tuning epochs per variant (projection)"
     )
+    parser.add_argument("--gated", action="store_true", help="also time the gated variant's shared widths")
     parser.add_argument("--json", type=Path, default=Path("out/bench-distill-table.json"))
     args = parser.parse_args(argv)
 
@@ -56,50 +114,42 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("the teacher's outputs pass the table size limit: nothing to compare")
     calib = (splits.train.x[:64], splits.train.y[:64])
     steps_per_epoch = -(-len(splits.train) // TrainConfig().batch_size)
+    epochs = args.steps / steps_per_epoch
+    teachers = {"teacher": dense, "table": table}
+
+    def static_step(ratio: float, teacher: torch.nn.Module | torch.Tensor, seed: int, desc: str) -> float:
+        model = load_model(args.model, classes=classes, in_channels=channels)
+        ratios = {g.root: ratio for g in prunable_groups(model, example)}
+        prune(model, example, ratios=ratios, criterion="l1", calibration=calib, source_model=args.model)
+        model = model.to(memory_format=torch.channels_last)
+        cfg = TrainConfig(epochs=epochs, lr=0.05, seed=seed)
+        start = time.perf_counter()
+        train(model, splits.train, cfg, teacher=teacher, desc=desc)
+        return time.perf_counter() - start
+
+    def gated_step(teacher: torch.nn.Module | torch.Tensor, seed: int) -> float:
+        net = SlimNet(copy.deepcopy(dense), example)
+        start = time.perf_counter()
+        train_slim(net, splits.train, GateTrainConfig(slim_epochs=epochs, seed=seed), teacher=teacher)
+        return time.perf_counter() - start
+
     rows = []
     for ratio in args.ratios:
-        times: dict[str, list[float]] = {"teacher": [], "table": []}
-        for r in range(args.rounds):
-            for way, values in times.items():
-                model = load_model(args.model, classes=classes, in_channels=channels)
-                ratios = {g.root: ratio for g in prunable_groups(model, example)}
-                prune(
-                    model, example, ratios=ratios, criterion="l1", calibration=calib, source_model=args.model
-                )
-                cfg = TrainConfig(epochs=args.steps / steps_per_epoch, lr=0.05, seed=r)
-                start = time.perf_counter()
-                train(
-                    model.to(memory_format=torch.channels_last),
-                    splits.train,
-                    cfg,
-                    teacher=dense if way == "teacher" else table,
-                    desc=f"static-{round(ratio * 100)} {way} round {r + 1}",
-                )
-                per_step = (time.perf_counter() - start) / args.steps
-                if r > 0:
-                    values.append(per_step)
-        live, cached = (statistics.median(times[w]) for w in ("teacher", "table"))
-        rows.append({"ratio": ratio, "teacher_ms": live * 1e3, "table_ms": cached * 1e3, "rounds": times})
-    steps = args.epochs * steps_per_epoch
-    live_s = sum(r["teacher_ms"] for r in rows) * steps / 1e3
-    table_total_s = sum(r["table_ms"] for r in rows) * steps / 1e3 + table_s
-    print()
-    print(
-        f"{args.model} on {args.data} ({len(splits.train)} training images), batch "
-        f"{TrainConfig().batch_size}, {torch.get_num_threads()} threads, precision {TrainConfig().precision}"
-    )
-    print(f"{'variant':<12}{'teacher ms/step':>17}{'table ms/step':>15}{'ratio':>8}")
-    for r in rows:
-        name = f"static-{round(r['ratio'] * 100)}"
-        print(
-            f"{name:<12}{r['teacher_ms']:>17.1f}{r['table_ms']:>15.1f}"
-            f"{r['teacher_ms'] / r['table_ms']:>7.2f}x"
+        name = f"static-{round(ratio * 100)}"
+        times = _both_ways(
+            lambda way, r, ratio=ratio, name=name: static_step(
+                ratio, teachers[way], r, f"{name} {way} round {r + 1}"
+            ),
+            args.rounds,
+            args.steps,
         )
-    print(f"table of teacher outputs: {table_s:.1f} s once")
-    print(
-        f"fine-tuning {len(rows)} variants x {args.epochs:g} epochs: teacher in every step {live_s:.0f} s, "
-        f"table {table_total_s:.0f} s (incl. the table): {live_s / table_total_s:.2f}x"
+        rows.append({"ratio": ratio, **times})
+    gated = (
+        _both_ways(lambda way, r: gated_step(teachers[way], r), args.rounds, args.steps)
+        if args.gated
+        else None
     )
+    projected = _print(args, splits.train, rows, gated, table_s=table_s, steps_per_epoch=steps_per_epoch)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(
         json.dumps(
@@ -108,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
                 "machine": {"cpus": os.cpu_count(), "native_bf16": native_bf16()},
                 "table_s": table_s,
                 "rows": rows,
-                "projected_s": {"teacher": live_s, "table": table_total_s},
+                "gated": gated,
+                "projected_s": projected,
             },
             indent=2,
         )
