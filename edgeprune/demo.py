@@ -81,10 +81,10 @@ def _ensure_bundle(
             print(f"    {bundle} is unusable ({exc}); compiling it again")
     # measured on the reference model, 2 cores (docs/compiler.md, "Numbers")
     took = (
-        "12 minutes on 2 fast cores with native bf16, about 90 on a slow AVX2-only CPU; --no-gated "
+        "about 11 minutes on 2 fast cores with native bf16, up to 90 on a slow AVX2-only CPU; --no-gated "
         "halves that"
         if gated
-        else "5.5 minutes on 2 fast cores with native bf16, about 47 on a slow AVX2-only CPU"
+        else "5 minutes on 2 fast cores with native bf16, about 26 on a slow AVX2-only CPU"
     )
     print(
         "    the first run trains the dense model, the pruned ladder"
