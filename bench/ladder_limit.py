@@ -26,6 +26,7 @@ import torch
 from agent.contract import Runtime
 from compiler.export import EXPORTERS
 from compiler.measure import count_macs_params, host_description, latency_side_by_side
+from compiler.pipeline import aligned_channels
 from compiler.reference import ReferenceNet
 
 DENSE_WIDTHS = (32, 64, 128, 256)
@@ -34,7 +35,7 @@ GOAL = 0.85
 
 def widths(fraction: float, align: int = 8) -> tuple[int, ...]:
     """The reference's stage widths at ``fraction``, in multiples of ``align`` as the compiler keeps them."""
-    return tuple(max(align, round(w * fraction / align) * align) for w in DENSE_WIDTHS)
+    return tuple(aligned_channels(w * fraction, align, w) for w in DENSE_WIDTHS)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,20 +36,38 @@ from compiler.measure import count_macs_params, host_description, latency_side_b
 PEAK_CONV = (128, 28)  # channels, height = width: large enough to run at the kernels' best rate
 
 
-def _probes(input_shape: tuple[int, ...], runtimes: set[Runtime], tmp: Path) -> tuple[dict, dict, int]:
-    """Export the two probe programs (best rate, empty call) to every runtime of the bundle."""
+def _bounds(
+    x: np.ndarray, runtimes: set[Runtime], *, threads: list[int], runs: int
+) -> dict[tuple[Runtime, int], dict]:
+    """Per runtime and thread count: the best fp32 rate (GMAC/s, one :data:`PEAK_CONV` convolution) and
+    the empty call (ms, a program that only flattens ``x``), each timed in a loop of its own."""
     channels, side = PEAK_CONV
     conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
     conv_x = torch.randn(1, channels, side, side)
-    flat = nn.Flatten()
-    files: dict[str, dict[Runtime, Path]] = {"peak": {}, "call": {}}
-    for rt in sorted(runtimes):
-        suffix, export = EXPORTERS[rt]
-        export(conv, conv_x, tmp / f"peak{suffix}")
-        export(flat, torch.zeros(input_shape), tmp / f"call{suffix}")
-        files["peak"][rt], files["call"][rt] = tmp / f"peak{suffix}", tmp / f"call{suffix}"
-    inputs = {"peak": conv_x.numpy(), "call": None}
-    return files, inputs, count_macs_params(conv, conv_x)[0]
+    peak_macs = count_macs_params(conv, conv_x)[0]
+    tmp = Path(tempfile.mkdtemp(prefix="edgeprune-ceiling-"))
+    try:
+        peak: dict[Runtime, Path] = {}
+        call: dict[Runtime, Path] = {}
+        for rt in sorted(runtimes):
+            suffix, export = EXPORTERS[rt]
+            peak[rt], call[rt] = tmp / f"peak{suffix}", tmp / f"call{suffix}"
+            export(conv, conv_x, peak[rt])
+            export(nn.Flatten(), torch.from_numpy(x), call[rt])
+        out = {}
+        for n in threads:
+            rate = latency_side_by_side({"": peak}, conv_x.numpy(), runs=runs, threads=n)[""]
+            empty = latency_side_by_side({"": call}, x, runs=runs, threads=n)[""]
+            for rt in peak:
+                out[(rt, n)] = {
+                    "runtime": rt,
+                    "threads": n,
+                    "peak_gmacs_per_s": peak_macs / (rate[rt].median_ms * 1e-3) / 1e9,
+                    "empty_call_ms": empty[rt].median_ms,
+                }
+        return out
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,45 +100,18 @@ def main(argv: list[str] | None = None) -> int:
         for v in vs
     }
     x = np.random.default_rng(0).standard_normal(manifest.input.shape).astype(np.float32)
-    probes: dict[str, dict[Runtime, Path]] = {}
-    probe_x: dict[str, np.ndarray | None] = {}
-    peak_macs = 0
-    tmp = Path(tempfile.mkdtemp(prefix="edgeprune-ceiling-"))
-    if not args.no_ceiling:
-        runtimes = {rt for per in files.values() for rt in per}
-        probes, probe_x, peak_macs = _probes(tuple(manifest.input.shape), runtimes, tmp)
+    runtimes = {rt for per in files.values() for rt in per}
+    bounds = {} if args.no_ceiling else _bounds(x, runtimes, threads=args.threads, runs=args.runs)
     rows = []
-    bounds = []
     for threads in args.threads:
         lat = latency_side_by_side(files, x, runs=args.runs, threads=threads, rounds=5)
-        # the probes take other inputs, so they run in a loop of their own, right after the variants
-        probe_lat = {
-            name: latency_side_by_side(
-                {name: per},
-                x if probe_x[name] is None else probe_x[name],
-                runs=args.runs,
-                threads=threads,
-                rounds=5,
-            )[name]
-            for name, per in probes.items()
-        }
-        for rt in probes.get("peak", {}):
-            rate = peak_macs / (probe_lat["peak"][rt].median_ms * 1e-3)  # MACs per second
-            bounds.append(
-                {
-                    "runtime": rt,
-                    "threads": threads,
-                    "peak_gmacs_per_s": rate / 1e9,
-                    "empty_call_ms": probe_lat["call"][rt].median_ms,
-                }
-            )
         for tag, vs in variants.items():
             dense = next(v for v in manifests[tag].variants if v.kind == "dense")
             for v in vs:
                 for rt, m in lat[tag + v.name].items():
                     speedup = lat[tag + dense.name][rt].median_ms / m.median_ms
                     macs_ratio = dense.macs / v.macs
-                    bound = next((b for b in bounds if b["runtime"] == rt and b["threads"] == threads), None)
+                    bound = bounds.get((rt, threads))
                     ceiling = None
                     if bound is not None:
                         floor_ms = v.macs / (bound["peak_gmacs_per_s"] * 1e9) * 1e3 + bound["empty_call_ms"]
@@ -156,13 +147,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['median_ms']:>11.3f}{r['speedup']:>9.2f}x{r['macs_ratio']:>11.2f}x{r['efficiency']:>12.2f}"
             + ("        -" if r["ceiling"] is None else f"{r['ceiling']:>9.2f}")
         )
-    for b in bounds:
+    for b in bounds.values():
         print(
             f"{b['runtime']}, {b['threads']} thread(s): best rate {b['peak_gmacs_per_s']:.1f} GMAC/s "
             f"(one {PEAK_CONV[0]}-channel 3x3 conv at {PEAK_CONV[1]}x{PEAK_CONV[1]}), "
             f"empty call {1e3 * b['empty_call_ms']:.1f} us"
         )
-    shutil.rmtree(tmp, ignore_errors=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(
         json.dumps(
@@ -172,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                 "baseline": None if args.baseline is None else str(args.baseline),
                 "runs": args.runs,
                 "rows": rows,
-                "bounds": bounds,
+                "bounds": list(bounds.values()),
             },
             indent=1,
         )

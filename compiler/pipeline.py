@@ -54,7 +54,7 @@ from compiler.prune.unstructured import sparsify
 from compiler.report import markdown_report, pareto_plot
 from compiler.train import TrainConfig, evaluate, teacher_logits, train
 
-__all__ = ["CompileOptions", "CompileResult", "compile_bundle"]
+__all__ = ["CompileOptions", "CompileResult", "aligned_channels", "compile_bundle"]
 
 log = logging.getLogger(__name__)
 
@@ -159,22 +159,25 @@ def _dense(opts: CompileOptions, splits: Splits) -> nn.Module:
     return model.eval()
 
 
-def _teacher_table(
+def _teachers(
     opts: CompileOptions, dense: nn.Module, splits: Splits, clock: _Clock
-) -> torch.Tensor | None:
-    """The dense model's outputs on every training image, computed once for the static ladder's
-    fine-tuning and the gated variant's shared widths to distil from, where they can stand for the model
-    (no augmentation: each image, so its outputs, is the same in every epoch); None where nothing can use
-    them or the table would pass :data:`~compiler.train.TEACHER_TABLE_LIMIT`: the model runs in every
-    step then."""
+) -> tuple[nn.Module | torch.Tensor, nn.Module | torch.Tensor]:
+    """What the static ladder's fine-tuning and the gated variant's shared widths distil from, in that
+    order: the dense model's outputs on every training image, computed once, where they can stand for
+    the model (no augmentation: each image, so its outputs, is the same in every epoch; for the gated
+    variant also the same precision); else, or past :data:`~compiler.train.TEACHER_TABLE_LIMIT`, the
+    dense model itself, run in every step."""
     ladder = bool(opts.ratios) and opts.finetune_epochs > 0 and not opts.train.augment
     gated = opts.gated and not opts.gate.augment and opts.gate.precision == opts.train.precision
     if not (ladder or gated):
-        return None
+        return dense, dense
     with clock.stage(
         "teacher outputs", f"dense outputs on {len(splits.train)} training images, for distillation"
     ):
-        return teacher_logits(dense, splits.train, precision=opts.train.precision)
+        table = teacher_logits(dense, splits.train, precision=opts.train.precision)
+    if table is None:
+        return dense, dense
+    return (table if ladder else dense), (table if gated else dense)
 
 
 def _ladder(
@@ -184,7 +187,7 @@ def _ladder(
     example: torch.Tensor,
     clock: _Clock,
     *,
-    table: torch.Tensor | None,
+    teacher: nn.Module | torch.Tensor,
 ) -> list[_Built]:
     calib = splits.train.subset(opts.calibration_samples, seed=1)
     validation = splits.train.subset(opts.validation_samples, seed=2)
@@ -206,7 +209,6 @@ def _ladder(
         )
         return count_macs_params(clone, example)[0]
 
-    teacher = dense if table is None or opts.train.augment else table
     sens = None
     if opts.auto:
         with clock.stage("sensitivity scan", f"scanning the sensitivity of {len(groups)} channel groups"):
@@ -249,7 +251,7 @@ def _ladder(
     return built
 
 
-def _aligned(target: float, align: int, current: int) -> int:
+def aligned_channels(target: float, align: int, current: int) -> int:
     """``target`` channels rounded to a multiple of ``align`` (at least ``align``, at most ``current``).
 
     A layer already at ``align`` channels or fewer is not cut further.
@@ -288,7 +290,9 @@ def _prune_iteratively(
         current = {g.root: g.channels for g in prunable_groups(model, example)}
         step_ratios = {}
         for g, r in ratios.items():
-            keep = _aligned(dense_channels[g] * (1 - r) ** ((i + 1) / k), opts.align_channels, current[g])
+            keep = aligned_channels(
+                dense_channels[g] * (1 - r) ** ((i + 1) / k), opts.align_channels, current[g]
+            )
             # Torch-Pruning keeps int(channels * (1 - ratio)); the half channel makes that exactly `keep`
             step_ratios[g] = (current[g] - keep - 0.5) / current[g] if keep < current[g] else 0.0
         part = prune(
@@ -362,21 +366,13 @@ def compile_bundle(opts: CompileOptions) -> CompileResult:
             f"accuracy {dense_acc:.4f}"
         )
     built = [_Built("dense", dense, None, dense_acc, dense_macs, dense_params)]
-    table = _teacher_table(opts, dense, splits, clock)
-    built += _ladder(opts, dense, splits, example, clock, table=table)
+    ladder_teacher, gate_teacher = _teachers(opts, dense, splits, clock)
+    built += _ladder(opts, dense, splits, example, clock, teacher=ladder_teacher)
     gated: GatedBuild | None = None
     if opts.gated:
         with clock.stage("gated", "gated variant: shared widths, then gates with a compute penalty"):
-            usable = (
-                table is not None and not opts.gate.augment and opts.gate.precision == opts.train.precision
-            )
             gated = build_gated(
-                dense,
-                splits,
-                example,
-                opts.gate,
-                dense_key=_dense_key(opts, splits),
-                teacher=table if usable else None,
+                dense, splits, example, opts.gate, dense_key=_dense_key(opts, splits), teacher=gate_teacher
             )
 
     opts.out.parent.mkdir(parents=True, exist_ok=True)
